@@ -1,0 +1,4 @@
+"""forgerpc apps (grpo, sft), the local stack launcher and the `forgerpc` CLI.
+
+Talks to services only through `forgerpc.clients`; starts them only as OS processes.
+"""

@@ -1,0 +1,5 @@
+import sys
+
+from forgerpc.orchestrator.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""The `forgerpc` command.
+
+    forgerpc serve <service> [--host H] [--port P] [--config FILE] [key=value ...]
+    forgerpc up CONFIG [key=value ...]        # start the stack, report health, wait for Ctrl-C
+    forgerpc run CONFIG [key=value ...]       # start the stack and run the main job
+    forgerpc health ADDRESS [--service NAME]  # exit 0 when SERVING (container health checks)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from forgerpc.clients.config import ConfigError, load_config
+
+SERVICES = ("generator", "reward", "replay_buffer", "trainer", "weight_store", "sandbox", "environment")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgerpc", description="RL post-training as gRPC microservices.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one service in this process")
+    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("rest", nargs=argparse.REMAINDER, help="--host, --port, --config, key=value overrides")
+
+    for name, text in (("up", "start the stack and wait for Ctrl-C"), ("run", "start the stack and run the main job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="stack/run YAML, e.g. configs/stack_local.yaml")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+        if name == "up":
+            p.add_argument("--once", action="store_true", help="report health and stop instead of waiting")
+
+    health = sub.add_parser("health", help="check a service's gRPC health; exit 0 if SERVING")
+    health.add_argument("address", help="host:port")
+    health.add_argument("--service", default="", help="service name to check (default: the server)")
+    health.add_argument("--timeout", type=float, default=2.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        # A service runs as its own program (the orchestrator never imports services).
+        os.execv(sys.executable, [sys.executable, "-m", "forgerpc.services", "serve", args.service, *args.rest])
+    if args.command == "health":
+        return asyncio.run(_health(args.address, args.service, args.timeout))
+    from forgerpc.orchestrator.config import StackConfig
+
+    try:
+        cfg = load_config(StackConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"forgerpc {args.command}: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_up(cfg, wait=args.command == "up" and not args.once))
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as e:
+        print(f"forgerpc {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+async def _health(address: str, service: str, timeout: float) -> int:
+    from forgerpc.clients import ForgeRPCError, RewardClient
+
+    # Any typed client can ask grpc.health.v1; the class only fixes which service it is.
+    async with RewardClient(address) as client:
+        try:
+            status = await client.health(service, timeout=timeout)
+        except ForgeRPCError as e:
+            status = f"{e.code.name}: {e.message}"
+    print(f"{address} {service or '(server)'}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+async def _up(cfg, wait: bool) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from forgerpc.orchestrator.launcher import Stack
+
+    console = Console()
+    async with Stack(cfg) as stack:
+        table = Table(title="forgerpc stack")
+        for col in ("service", "address", "health"):
+            table.add_column(col)
+        healthy = True
+        for name, rows in (await stack.health()).items():
+            for address, status in rows:
+                healthy &= status == "SERVING"
+                table.add_row(name, address, status)
+        console.print(table)
+        console.print(f"logs: {stack.log_dir}")
+        if wait:
+            console.print("stack is up; Ctrl-C stops it")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            import signal
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        else:
+            console.print("the GRPO app is not built yet (issue #8); `run` reports health and stops the stack")
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for the forgerpc.v1 contract (`make protos`)."""

@@ -1,0 +1,1 @@
+"""What every service shares: the server runtime, error mapping, config loading, auth."""

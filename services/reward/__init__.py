@@ -1,0 +1,1 @@
+"""RewardService: scores (prompt, response, target) items with weighted reward functions."""

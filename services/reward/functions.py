@@ -1,0 +1,74 @@
+"""Reward functions. Each is `fn(item, **options) -> (score in [0, 1], reason)`.
+
+`item` is a forgerpc.v1.RewardItem. A function never raises on bad model output: a response
+that cannot be parsed scores 0 with a reason saying why.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable
+
+Score = tuple[float, str]
+
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def exact_match(item) -> Score:
+    """1 if the response equals the target after stripping surrounding whitespace."""
+    ok = item.response.strip() == item.target.strip()
+    return (1.0, "exact_match: equal") if ok else (0.0, "exact_match: differs from target")
+
+
+def _normalize(text: str) -> str:
+    text = " ".join(text.lower().split())
+    return text.rstrip(".").strip()
+
+
+def normalized_match(item) -> Score:
+    """1 if response and target agree ignoring case, runs of whitespace and a final period."""
+    ok = _normalize(item.response) == _normalize(item.target)
+    return (1.0, "normalized_match: equal") if ok else (0.0, "normalized_match: differs from target")
+
+
+def _last_number(text: str) -> float | None:
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numeric_match(item, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> Score:
+    """1 if the last number in the response equals the target's number within tolerance.
+
+    |a - b| <= max(rel_tol * max(|a|, |b|), abs_tol)   (math.isclose)
+    """
+    want = _last_number(item.target)
+    if want is None:
+        return 0.0, "numeric_match: target has no number"
+    got = _last_number(item.response)
+    if got is None:
+        return 0.0, "numeric_match: no number in response"
+    if math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol):
+        return 1.0, "numeric_match: equal"
+    return 0.0, f"numeric_match: {got:g} != {want:g}"
+
+
+def format_tags(item, tag: str = "answer") -> Score:
+    """1 if the response holds exactly one non-empty <tag>...</tag> block."""
+    blocks = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", item.response, flags=re.S)
+    if len(blocks) == 1 and blocks[0].strip():
+        return 1.0, f"format_tags: one <{tag}> block"
+    return 0.0, f"format_tags: expected one non-empty <{tag}> block, found {len(blocks)}"
+
+
+FUNCTIONS: dict[str, Callable[..., Score]] = {
+    "exact_match": exact_match,
+    "normalized_match": normalized_match,
+    "numeric_match": numeric_match,
+    "format_tags": format_tags,
+}

@@ -1,0 +1,57 @@
+"""Shared fixtures: real service processes, in-process servers, Redis URL."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+class ServiceProcess:
+    """`forgerpc serve NAME --port 0` as a real OS process."""
+
+    def __init__(self, name: str, *args: str, env: dict | None = None):
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "forgerpc.services", "serve", name, "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})},
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith("FORGERPC_READY"):
+            self.proc.kill()
+            raise RuntimeError(f"{name} did not start: {line!r} {self.proc.stderr.read()[-3000:]}")
+        self.address = line.split()[2]
+
+    def terminate(self, timeout: float = 10.0) -> float:
+        """SIGTERM, wait; returns seconds until exit."""
+        start = time.monotonic()
+        self.proc.terminate()
+        self.proc.wait(timeout)
+        return time.monotonic() - start
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def serve_process():
+    started: list[ServiceProcess] = []
+
+    def start(name: str, *args: str, env: dict | None = None) -> ServiceProcess:
+        p = ServiceProcess(name, *args, env=env)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()

@@ -1,0 +1,50 @@
+"""Config errors name the key and what is allowed; overrides apply with dotted keys."""
+
+import pytest
+
+from forgerpc.clients.config import ConfigError, load_config
+from forgerpc.orchestrator.config import StackConfig
+from forgerpc.services.reward.config import RewardConfig
+
+
+def test_yaml_plus_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("functions:\n  - {kind: exact_match, weight: 1.0}\nitem_timeout_seconds: 3\n")
+    cfg = load_config(RewardConfig, path, ["functions.0.weight=2.5", "server.port=1234"])
+    assert cfg.functions[0].weight == 2.5 and cfg.item_timeout_seconds == 3 and cfg.server.port == 1234
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(RewardConfig, None, ["item_timeout=3"])
+    text = str(err.value)
+    assert "unknown key 'item_timeout'" in text and "item_timeout_seconds" in text
+
+
+def test_nested_unknown_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'server.prot'.*port"):
+        load_config(RewardConfig, None, ["server.prot=1"])
+
+
+def test_bad_value_names_key_and_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_config(RewardConfig, None, ["functions=[{kind: exact}]"])
+    assert "functions.0.kind" in str(err.value) and "'exact_match'" in str(err.value)
+    with pytest.raises(ConfigError, match="item_timeout_seconds"):
+        load_config(RewardConfig, None, ["item_timeout_seconds=-1"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(RewardConfig, None, ["nonsense"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(RewardConfig, tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(RewardConfig, bad)
+
+
+def test_stack_config_rejects_unknown_service():
+    with pytest.raises(ConfigError, match="unknown service 'rewards'"):
+        load_config(StackConfig, None, ["services.rewards.replicas=1"])

@@ -45,3 +45,20 @@ def test_bad_stack_config_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "forgerpc.orchestrator", "run", str(bad)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown service 'rewrd'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_private_redis_starts_answers_and_cleans_up():
+    import os
+
+    import redis
+
+    from forgerpc.orchestrator.redis_server import PrivateRedis
+
+    server = PrivateRedis()
+    with server as url:
+        client = redis.Redis.from_url(url)
+        assert client.ping() and client.set("k", "v") and client.get("k") == b"v"
+        client.close()
+        pid = server.process.pid
+    assert server.process.poll() is not None and not os.path.exists(server.dir)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

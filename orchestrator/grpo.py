@@ -1,0 +1,231 @@
+"""GRPO over services: the RL loop a researcher reads and edits.
+
+    forgerpc run configs/grpo_tiny.yaml
+
+Rollouts (N concurrent workers):   prompt -> generator.generate.route (n = group_size)
+                                   -> reward.evaluate.route -> group advantages -> buffer.add_episodes
+Training (one loop):               buffer.sample -> trainer.train_step -> buffer.ack
+                                   -> every K steps: trainer.publish_weights -> generator.update_weights.fanout
+
+Group-relative advantage (GRPO, Shao et al. 2024), computed here because only the rollout has
+the whole group at hand:  A_i = (r_i - mean(r)) / (std(r) + eps)   (std off for Dr.GRPO).
+
+`max_staleness` bounds how far rollouts run ahead of training: at most
+prompts_per_step * (max_staleness + 1) groups may be generated but not yet trained on, and
+permits come back only after the step that used them has published its weights. With 0 the
+loop is synchronous and on-policy; with N, episodes are at most N versions old.
+No retry, transport or serialization code lives here: the SDK retries and fails over, and a
+rollout that still fails is logged, counted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import pathlib
+import random
+import statistics
+import time
+import uuid
+
+from opentelemetry import trace
+
+from forgerpc.clients import ForgeRPCError, GeneratorClient, ReplayBufferClient, ReplicaGroup, RewardClient
+from forgerpc.clients import TrainerClient
+from forgerpc.orchestrator.tasks import TaskSet
+from forgerpc.v1 import common_pb2, reward_pb2
+
+log = logging.getLogger("forgerpc.grpo")
+tracer = trace.get_tracer("forgerpc.orchestrator")
+
+
+@dataclasses.dataclass
+class GRPOSettings:
+    group_size: int = 8
+    prompts_per_step: int = 16
+    steps: int = 100
+    max_staleness: int = 0
+    publish_every: int = 1
+    eval_every: int = 20
+    eval_size: int = 100
+    rollout_workers: int = 4
+    temperature: float = 1.0
+    max_tokens: int = 8
+    stop: tuple[str, ...] = ("\n",)
+    std_normalize: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Services:
+    generator: ReplicaGroup
+    reward: ReplicaGroup
+    buffer: ReplicaGroup
+    trainer: ReplicaGroup
+
+    @classmethod
+    def connect(cls, addresses: dict[str, list[str]]) -> "Services":
+        return cls(
+            generator=ReplicaGroup(GeneratorClient, addresses["generator"], strategy="least_loaded"),
+            reward=ReplicaGroup(RewardClient, addresses["reward"]),
+            buffer=ReplicaGroup(ReplayBufferClient, addresses["replay_buffer"]),
+            trainer=ReplicaGroup(TrainerClient, addresses["trainer"]),
+        )
+
+    async def close(self) -> None:
+        for group in (self.generator, self.reward, self.buffer, self.trainer):
+            await group.close()
+
+
+class Metrics:
+    """Phase timers and counters; one JSON line per training step in run_dir/metrics.jsonl."""
+
+    def __init__(self, run_dir: pathlib.Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Names a phase once: the same name is the span, the timer and the metric."""
+        start = time.perf_counter()
+        with tracer.start_as_current_span(name):
+            yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def group_advantages(rewards: list[float], std_normalize: bool = True, eps: float = 1e-6) -> list[float]:
+    """A_i = r_i - mean(r), divided by std(r) + eps when std_normalize (population std)."""
+    mean = statistics.fmean(rewards)
+    std = statistics.pstdev(rewards) if std_normalize else 1.0
+    return [(r - mean) / (std + eps) if std_normalize else r - mean for r in rewards]
+
+
+class GRPO:
+    def __init__(self, services: Services, task: TaskSet, settings: GRPOSettings, run_dir: pathlib.Path):
+        self.s = services
+        self.task = task
+        self.cfg = settings
+        self.metrics = Metrics(run_dir)
+        self.version = 0
+        self.stop = asyncio.Event()
+        self.groups_in_flight = asyncio.Semaphore(settings.prompts_per_step * (settings.max_staleness + 1))
+
+    def sampling(self, n: int, temperature: float) -> common_pb2.SamplingParams:
+        return common_pb2.SamplingParams(n=n, temperature=temperature, max_tokens=self.cfg.max_tokens,
+                                         stop=list(self.cfg.stop), logprobs=True)
+
+    # -- rollouts ---------------------------------------------------------------------------
+    async def rollout_worker(self, worker: int) -> None:
+        rng = random.Random(f"{self.cfg.seed}-{worker}")
+        while not self.stop.is_set():
+            await self.groups_in_flight.acquire()  # released when the trainer consumes a group
+            example = self.task.sample_train(rng)
+            try:
+                await self.rollout(example)
+            except ForgeRPCError as e:
+                self.groups_in_flight.release()
+                self.metrics.count("rollouts_dropped")
+                log.warning("rollout dropped after retries: %s", e)
+
+    async def rollout(self, example) -> None:
+        prompt = common_pb2.Prompt(text=example.prompt, prompt_id=uuid.uuid4().hex)
+        with self.metrics.phase("generate"):
+            out = await self.s.generator.generate.route(
+                prompts=[prompt], sampling_params=self.sampling(self.cfg.group_size, self.cfg.temperature))
+        with self.metrics.phase("reward"):
+            items = [reward_pb2.RewardItem(prompt=example.prompt, response=c.text, target=example.target)
+                     for c in out.completions]
+            scores = (await self.s.reward.evaluate.route(items=items)).scores
+        rewards = [s.score for s in scores]
+        advantages = group_advantages(rewards, self.cfg.std_normalize)
+        group_id = prompt.prompt_id
+        episodes = [
+            common_pb2.Episode(
+                episode_id=f"{group_id}-{c.index}", group_id=group_id, group_size=len(out.completions),
+                prompt_token_ids=c.prompt_token_ids, response_token_ids=c.token_ids, response_logprobs=c.logprobs,
+                reward=s.score, sub_scores=dict(s.sub_scores), advantage=a, has_advantage=True,
+                policy_version=c.policy_version, created_unix_ms=int(time.time() * 1000),
+            )
+            for c, s, a in zip(out.completions, scores, advantages)
+        ]
+        with self.metrics.phase("enqueue"):
+            await self.s.buffer.add_episodes.route(episodes=episodes)
+        self.metrics.count("episodes", len(episodes))
+
+    # -- training ---------------------------------------------------------------------------
+    async def train(self) -> None:
+        batch_size = self.cfg.prompts_per_step * self.cfg.group_size
+        for step in range(1, self.cfg.steps + 1):
+            with self.metrics.phase("sample"):
+                batch = await self.s.buffer.sample.call_one(batch_size=batch_size, whole_groups=True,
+                                                            current_policy_version=self.version, wait_seconds=60)
+            if not batch.episodes:
+                continue
+            with self.metrics.phase("train"):
+                result = await self.s.trainer.train_step.call_one(episodes=batch.episodes)
+            await self.s.buffer.ack.call_one(batch_id=batch.batch_id)
+            if step % self.cfg.publish_every == 0:
+                await self.publish(self.version + 1)
+            for _ in range(len({e.group_id for e in batch.episodes})):
+                self.groups_in_flight.release()  # after publishing: new rollouts use the new weights
+            row = {"step": step, "version": self.version, "loss": result.loss, "kl": result.kl,
+                   "reward_mean": statistics.fmean(e.reward for e in batch.episodes),
+                   "staleness": self.version - min(e.policy_version for e in batch.episodes),
+                   "episodes": self.metrics.counts.get("episodes", 0), "time": time.time()}
+            if step % self.cfg.eval_every == 0 or step == self.cfg.steps:
+                row["eval_accuracy"] = await self.evaluate()
+            self.metrics.write(row)
+            log.info("step %d %s", step, row)
+
+    async def publish(self, version: int) -> None:
+        with self.metrics.phase("publish"):
+            published = await self.s.trainer.publish_weights.call_one(version=version)
+        with self.metrics.phase("update_weights"):
+            results = await self.s.generator.update_weights.fanout(version=version, local_path=published.location)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            self.metrics.count("update_failures", len(failed))
+            log.warning("weight update failed on %s", [(r.address, r.error) for r in failed])
+        self.version = version
+
+    async def evaluate(self) -> float:
+        """Greedy accuracy on the held-out split."""
+        examples = self.task.eval_set[: self.cfg.eval_size]
+        with self.metrics.phase("eval"):
+            prompts = [common_pb2.Prompt(text=e.prompt, prompt_id=str(i)) for i, e in enumerate(examples)]
+            out = await self.s.generator.generate.route(prompts=prompts, sampling_params=self.sampling(1, 0.0))
+            items = [reward_pb2.RewardItem(prompt=e.prompt, response=c.text, target=e.target)
+                     for e, c in zip(examples, out.completions)]
+            scores = (await self.s.reward.evaluate.route(items=items)).scores
+        return statistics.fmean(s.score for s in scores)
+
+    async def run(self) -> dict:
+        workers = [asyncio.create_task(self.rollout_worker(i)) for i in range(self.cfg.rollout_workers)]
+        try:
+            baseline = await self.evaluate()
+            self.metrics.write({"step": 0, "version": 0, "eval_accuracy": baseline, "time": time.time()})
+            await self.train()
+            final = await self.evaluate()
+        finally:
+            self.stop.set()
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            self.metrics.close()
+        return {"eval_before": baseline, "eval_after": final, "version": self.version,
+                "episodes": self.metrics.counts.get("episodes", 0), "phase_seconds": self.metrics.seconds}

@@ -33,6 +33,9 @@ class GeneratorClient(AsyncClient):
     async def update_weights(self, request=None, /, *, timeout=None, **fields) -> gen_pb.UpdateWeightsResponse:
         return await self._unary("UpdateWeights", request, fields, timeout)
 
+    async def tokenize(self, request=None, /, *, timeout=None, **fields) -> gen_pb.TokenizeResponse:
+        return await self._unary("Tokenize", request, fields, timeout)
+
     async def get_model_info(self, request=None, /, *, timeout=None, **fields) -> gen_pb.GetModelInfoResponse:
         return await self._unary("GetModelInfo", request, fields, timeout)
 

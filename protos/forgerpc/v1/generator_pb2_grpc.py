@@ -45,6 +45,11 @@ class GeneratorServiceStub:
                 request_serializer=forgerpc_dot_v1_dot_generator__pb2.UpdateWeightsRequest.SerializeToString,
                 response_deserializer=forgerpc_dot_v1_dot_generator__pb2.UpdateWeightsResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/forgerpc.v1.GeneratorService/Tokenize',
+                request_serializer=forgerpc_dot_v1_dot_generator__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=forgerpc_dot_v1_dot_generator__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/forgerpc.v1.GeneratorService/GetModelInfo',
                 request_serializer=forgerpc_dot_v1_dot_generator__pb2.GetModelInfoRequest.SerializeToString,
@@ -70,6 +75,14 @@ class GeneratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Tokenizes prompts exactly as Generate would (chat template included) and plain texts
+        without special tokens, e.g. SFT targets. Side-effect free.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Describes the loaded model, its version and load.
         """
@@ -89,6 +102,11 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     servicer.UpdateWeights,
                     request_deserializer=forgerpc_dot_v1_dot_generator__pb2.UpdateWeightsRequest.FromString,
                     response_serializer=forgerpc_dot_v1_dot_generator__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=forgerpc_dot_v1_dot_generator__pb2.TokenizeRequest.FromString,
+                    response_serializer=forgerpc_dot_v1_dot_generator__pb2.TokenizeResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -151,6 +169,33 @@ class GeneratorService:
             '/forgerpc.v1.GeneratorService/UpdateWeights',
             forgerpc_dot_v1_dot_generator__pb2.UpdateWeightsRequest.SerializeToString,
             forgerpc_dot_v1_dot_generator__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forgerpc.v1.GeneratorService/Tokenize',
+            forgerpc_dot_v1_dot_generator__pb2.TokenizeRequest.SerializeToString,
+            forgerpc_dot_v1_dot_generator__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from forgerpc.clients.channel import ChannelSettings, open_channel
 from forgerpc.clients.errors import ForgeRPCError
 from forgerpc.clients.retry import NO_RETRY, RETRYABLE, RetryPolicy
+from forgerpc.clients.telemetry import trace_metadata
 
 _UNKNOWN = descriptor_pb2.MethodOptions.IDEMPOTENCY_UNKNOWN
 
@@ -76,6 +77,9 @@ class AsyncClient:
             request = message_factory.GetMessageClass(self._method(name).input_type)(**fields)
         return request
 
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata + trace_metadata()
+
     def _error(self, name: str, e: grpc.RpcError) -> ForgeRPCError:
         return ForgeRPCError.from_rpc_error(e, self._path(name), self.address)
 
@@ -86,7 +90,8 @@ class AsyncClient:
         call = self._callable(name)
         for attempt in range(policy.max_attempts):
             try:
-                return await call(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._metadata)
+                return await call(request, timeout=max(deadline - time.monotonic(), 0.001),
+                                  metadata=self._call_metadata())
             except grpc.aio.AioRpcError as e:
                 sleep = policy.delay(attempt)
                 last = attempt + 1 >= policy.max_attempts or time.monotonic() + sleep >= deadline
@@ -104,7 +109,7 @@ class AsyncClient:
             received = False
             try:
                 call = self._callable(name)(request, timeout=max(deadline - time.monotonic(), 0.001),
-                                            metadata=self._metadata)
+                                            metadata=self._call_metadata())
                 async for response in call:
                     received = True
                     yield response
@@ -119,7 +124,8 @@ class AsyncClient:
     async def _client_stream(self, name: str, requests: AsyncIterable | Iterable, timeout: float | None) -> Any:
         """Sends a request stream once (a half-sent stream cannot be replayed safely)."""
         try:
-            return await self._callable(name)(requests, timeout=timeout or self.timeout, metadata=self._metadata)
+            return await self._callable(name)(requests, timeout=timeout or self.timeout,
+                                              metadata=self._call_metadata())
         except grpc.aio.AioRpcError as e:
             raise self._error(name, e) from None
 

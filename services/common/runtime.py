@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
 
 from forgerpc.clients.config import Config
+from forgerpc.clients.telemetry import setup_tracing, shutdown_tracing
 from forgerpc.services.common import auth
 from forgerpc.services.common.auth import AuthConfig
 from forgerpc.services.common.errors import ServiceError, invalid_argument, unimplemented
@@ -50,6 +51,8 @@ class ServerConfig(Config):
     max_message_bytes: int = 512 * 1024 * 1024  # bulk tensors and big batches
     max_concurrent_rpcs: int | None = None
     grace_seconds: float = 4.0  # drain time on SIGTERM; stays under the 5 s contract
+    # Span exporter: "" (env FORGERPC_TRACES, default none), "console", "file:DIR" or "otlp".
+    traces: str = ""
     auth: AuthConfig = AuthConfig()
 
 
@@ -246,6 +249,7 @@ class Server:
 
 async def serve(definition: ServiceDefinition, config: ServiceConfig) -> None:
     """Serves until SIGTERM/SIGINT, then drains and exits. Prints one READY line for launchers."""
+    setup_tracing(definition.name, config.server.traces)
     server = Server(definition, config)
     port = await server.start()
     print(f"FORGERPC_READY {definition.name} {config.server.host}:{port} pid={os.getpid()}", flush=True)
@@ -256,4 +260,5 @@ async def serve(definition: ServiceDefinition, config: ServiceConfig) -> None:
     await stopping.wait()
     log.info("%s: stopping (draining up to %.1fs)", definition.name, config.server.grace_seconds)
     await server.stop()
+    shutdown_tracing()
     print(f"FORGERPC_STOPPED {definition.name}", file=sys.stderr, flush=True)

@@ -1,0 +1,35 @@
+"""One trace follows a call across processes: client span -> server span (W3C traceparent)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+
+def test_trace_context_crosses_process_boundary(serve_process, tmp_path):
+    traces = tmp_path / "traces"
+    proc = serve_process("reward", env={"FORGERPC_TRACES": f"file:{traces}"})
+    client = textwrap.dedent(f"""
+        import asyncio
+        from opentelemetry import trace
+        from forgerpc.clients import RewardClient
+        from forgerpc.clients.telemetry import setup_tracing, shutdown_tracing
+        from forgerpc.v1.reward_pb2 import RewardItem
+
+        async def main():
+            setup_tracing("client", "file:{traces}")
+            with trace.get_tracer("test").start_as_current_span("rollout"):
+                async with RewardClient("{proc.address}") as reward:
+                    await reward.evaluate(items=[RewardItem(response="a", target="a")])
+            shutdown_tracing()
+
+        asyncio.run(main())
+    """)
+    subprocess.run([sys.executable, "-c", client], check=True, timeout=60)
+    proc.terminate()  # flushes the server's spans
+    spans = [json.loads(line) for f in traces.glob("*.jsonl") for line in f.read_text().splitlines()]
+    rollout = next(s for s in spans if s["name"] == "rollout")
+    server = next(s for s in spans if s["name"] == "/forgerpc.v1.RewardService/Evaluate")
+    assert server["context"]["trace_id"] == rollout["context"]["trace_id"]
+    assert server["parent_id"] == rollout["context"]["span_id"]
+    assert server["kind"] == "SpanKind.SERVER"

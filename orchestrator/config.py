@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -32,8 +32,24 @@ class ServiceEntry(Config):
         return [self.address] if isinstance(self.address, str) else list(self.address)
 
 
+class ClientConfig(Config):
+    """How the orchestrator reaches services (forgerpc.clients.ChannelSettings); empty = plaintext."""
+
+    token_env: str = ""  # env var holding the bearer token
+    tls_ca: str = ""  # CA that signed the services' certificates (turns TLS on)
+    tls_cert: str = ""  # client certificate, for mutual TLS
+    tls_key: str = ""
+    server_name: str = ""  # TLS name to check instead of the address's host
+
+    def settings(self):
+        from forgerpc.clients import ChannelSettings
+
+        return ChannelSettings(**self.model_dump())
+
+
 class StackConfig(Config):
     services: dict[str, ServiceEntry] = Field(default_factory=dict)
+    client: ClientConfig = ClientConfig()
     run_dir: str = "runs/latest"
     start_timeout_seconds: float = Field(default=120.0, gt=0)
 
@@ -43,3 +59,56 @@ class StackConfig(Config):
             if name not in SERVICE_NAMES:
                 raise ValueError(f"unknown service '{name}' under 'services' (allowed: {', '.join(SERVICE_NAMES)})")
         return self
+
+
+class TaskConfig(Config):
+    name: Literal["addition", "multiplication", "reverse"] = "addition"
+    seed: int = 0
+    eval_size: int = Field(default=200, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)  # e.g. {digits: 3}
+
+
+class GRPOConfig(Config):
+    group_size: int = Field(default=8, ge=2)
+    prompts_per_step: int = Field(default=16, ge=1)
+    steps: int = Field(default=100, ge=1)
+    max_staleness: int = Field(default=0, ge=0)
+    publish_every: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=20, ge=1)
+    eval_size: int = Field(default=100, ge=1)
+    rollout_workers: int = Field(default=4, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    max_tokens: int = Field(default=8, ge=1)
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+    std_normalize: bool = True
+    seed: int = 0
+
+
+class SFTConfig(Config):
+    steps: int = Field(default=0, ge=0)  # 0 = no SFT (warm start skipped)
+    batch_size: int = Field(default=64, ge=1)
+    eval_every: int = Field(default=50, ge=1)
+
+
+class ModelConfig(Config):
+    """The policy both the generator and the trainer start from (one directory, same weights)."""
+
+    path: str = ""  # local HF directory; empty = build a tiny random model in RUN_DIR/model
+    arch: Literal["llama", "qwen2", "qwen3"] = "llama"
+    hidden_size: int = Field(default=128, gt=0)
+    layers: int = Field(default=4, gt=0)
+    heads: int = Field(default=4, gt=0)
+    kv_heads: int = Field(default=2, gt=0)
+    seed: int = 0
+
+
+class RunConfig(StackConfig):
+    """A whole run: the stack plus the app. `forgerpc run` reads this."""
+
+    app: Literal["none", "grpo", "sft"] = "none"
+    # Redis for the episode stream; empty = start a private redis-server for this run.
+    redis_url: str = ""
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    sft: SFTConfig = SFTConfig()
+    grpo: GRPOConfig = GRPOConfig()

@@ -21,9 +21,6 @@ rollout that still fails is logged, counted and dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import json
 import logging
 import pathlib
 import random
@@ -31,81 +28,13 @@ import statistics
 import time
 import uuid
 
-from opentelemetry import trace
-
-from forgerpc.clients import ForgeRPCError, GeneratorClient, ReplayBufferClient, ReplicaGroup, RewardClient
-from forgerpc.clients import TrainerClient
+from forgerpc.clients import ForgeRPCError
+from forgerpc.orchestrator.config import GRPOConfig
+from forgerpc.orchestrator.loop import Metrics, Services, evaluate, publish
 from forgerpc.orchestrator.tasks import TaskSet
 from forgerpc.v1 import common_pb2, reward_pb2
 
 log = logging.getLogger("forgerpc.grpo")
-tracer = trace.get_tracer("forgerpc.orchestrator")
-
-
-@dataclasses.dataclass
-class GRPOSettings:
-    group_size: int = 8
-    prompts_per_step: int = 16
-    steps: int = 100
-    max_staleness: int = 0
-    publish_every: int = 1
-    eval_every: int = 20
-    eval_size: int = 100
-    rollout_workers: int = 4
-    temperature: float = 1.0
-    max_tokens: int = 8
-    stop: tuple[str, ...] = ("\n",)
-    std_normalize: bool = True
-    seed: int = 0
-
-
-@dataclasses.dataclass
-class Services:
-    generator: ReplicaGroup
-    reward: ReplicaGroup
-    buffer: ReplicaGroup
-    trainer: ReplicaGroup
-
-    @classmethod
-    def connect(cls, addresses: dict[str, list[str]]) -> "Services":
-        return cls(
-            generator=ReplicaGroup(GeneratorClient, addresses["generator"], strategy="least_loaded"),
-            reward=ReplicaGroup(RewardClient, addresses["reward"]),
-            buffer=ReplicaGroup(ReplayBufferClient, addresses["replay_buffer"]),
-            trainer=ReplicaGroup(TrainerClient, addresses["trainer"]),
-        )
-
-    async def close(self) -> None:
-        for group in (self.generator, self.reward, self.buffer, self.trainer):
-            await group.close()
-
-
-class Metrics:
-    """Phase timers and counters; one JSON line per training step in run_dir/metrics.jsonl."""
-
-    def __init__(self, run_dir: pathlib.Path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.seconds: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        """Names a phase once: the same name is the span, the timer and the metric."""
-        start = time.perf_counter()
-        with tracer.start_as_current_span(name):
-            yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def count(self, name: str, n: int = 1) -> None:
-        self.counts[name] = self.counts.get(name, 0) + n
-
-    def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def group_advantages(rewards: list[float], std_normalize: bool = True, eps: float = 1e-6) -> list[float]:
@@ -116,12 +45,13 @@ def group_advantages(rewards: list[float], std_normalize: bool = True, eps: floa
 
 
 class GRPO:
-    def __init__(self, services: Services, task: TaskSet, settings: GRPOSettings, run_dir: pathlib.Path):
+    def __init__(self, services: Services, task: TaskSet, settings: GRPOConfig, run_dir: pathlib.Path):
         self.s = services
         self.task = task
         self.cfg = settings
         self.metrics = Metrics(run_dir)
         self.version = 0
+        self.started = time.time()
         self.stop = asyncio.Event()
         self.groups_in_flight = asyncio.Semaphore(settings.prompts_per_step * (settings.max_staleness + 1))
 
@@ -179,46 +109,32 @@ class GRPO:
             with self.metrics.phase("train"):
                 result = await self.s.trainer.train_step.call_one(episodes=batch.episodes)
             await self.s.buffer.ack.call_one(batch_id=batch.batch_id)
-            if step % self.cfg.publish_every == 0:
-                await self.publish(self.version + 1)
-            for _ in range(len({e.group_id for e in batch.episodes})):
-                self.groups_in_flight.release()  # after publishing: new rollouts use the new weights
-            row = {"step": step, "version": self.version, "loss": result.loss, "kl": result.kl,
+            row = {"phase": "grpo", "step": step, "version": self.version, "loss": result.loss, "kl": result.kl,
                    "reward_mean": statistics.fmean(e.reward for e in batch.episodes),
                    "staleness": self.version - min(e.policy_version for e in batch.episodes),
-                   "episodes": self.metrics.counts.get("episodes", 0), "time": time.time()}
+                   "episodes": self.metrics.counts.get("episodes", 0),
+                   "episodes_per_s": self.metrics.counts.get("episodes", 0) / (time.time() - self.started),
+                   "time": time.time()}
+            if step % self.cfg.publish_every == 0:
+                await publish(self.s, self.metrics, self.version + 1)
+                self.version += 1
+            for _ in range(len({e.group_id for e in batch.episodes})):
+                self.groups_in_flight.release()  # after publishing: new rollouts use the new weights
             if step % self.cfg.eval_every == 0 or step == self.cfg.steps:
                 row["eval_accuracy"] = await self.evaluate()
             self.metrics.write(row)
             log.info("step %d %s", step, row)
 
-    async def publish(self, version: int) -> None:
-        with self.metrics.phase("publish"):
-            published = await self.s.trainer.publish_weights.call_one(version=version)
-        with self.metrics.phase("update_weights"):
-            results = await self.s.generator.update_weights.fanout(version=version, local_path=published.location)
-        failed = [r for r in results if not r.ok]
-        if failed:
-            self.metrics.count("update_failures", len(failed))
-            log.warning("weight update failed on %s", [(r.address, r.error) for r in failed])
-        self.version = version
-
     async def evaluate(self) -> float:
-        """Greedy accuracy on the held-out split."""
-        examples = self.task.eval_set[: self.cfg.eval_size]
-        with self.metrics.phase("eval"):
-            prompts = [common_pb2.Prompt(text=e.prompt, prompt_id=str(i)) for i, e in enumerate(examples)]
-            out = await self.s.generator.generate.route(prompts=prompts, sampling_params=self.sampling(1, 0.0))
-            items = [reward_pb2.RewardItem(prompt=e.prompt, response=c.text, target=e.target)
-                     for e, c in zip(examples, out.completions)]
-            scores = (await self.s.reward.evaluate.route(items=items)).scores
-        return statistics.fmean(s.score for s in scores)
+        return await evaluate(self.s, self.metrics, self.task.eval_set[: self.cfg.eval_size],
+                              self.cfg.max_tokens, self.cfg.stop)
 
-    async def run(self) -> dict:
+    async def run(self, start_version: int = 0) -> dict:
+        self.version = start_version  # e.g. after an SFT warm start
         workers = [asyncio.create_task(self.rollout_worker(i)) for i in range(self.cfg.rollout_workers)]
         try:
             baseline = await self.evaluate()
-            self.metrics.write({"step": 0, "version": 0, "eval_accuracy": baseline, "time": time.time()})
+            self.metrics.write({"phase": "grpo", "step": 0, "version": self.version, "eval_accuracy": baseline, "time": time.time()})
             await self.train()
             final = await self.evaluate()
         finally:

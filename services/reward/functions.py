@@ -72,3 +72,43 @@ FUNCTIONS: dict[str, Callable[..., Score]] = {
     "numeric_match": numeric_match,
     "format_tags": format_tags,
 }
+
+
+def regex_match(item, pattern: str, compare_target: bool = False, ignore_case: bool = False) -> Score:
+    """Regex check on the response.
+
+    compare_target=False: 1 if `pattern` occurs anywhere in the response.
+    compare_target=True:  1 if the last match's first group (whole match when the pattern has no
+    group) equals the target, ignoring case, surrounding whitespace and a final period.
+    """
+    flags = re.S | (re.I if ignore_case else 0)
+    matches = list(re.finditer(pattern, item.response, flags))
+    if not matches:
+        return 0.0, f"regex_match: no match for {pattern!r}"
+    if not compare_target:
+        return 1.0, "regex_match: matched"
+    last = matches[-1]
+    got = last.group(1) if last.re.groups else last.group(0)
+    if _normalize(got or "") == _normalize(item.target):
+        return 1.0, "regex_match: extracted answer equals target"
+    return 0.0, f"regex_match: extracted {got!r:.40} differs from target"
+
+
+def length_penalty(item, max_length: int, slack: int = 0, unit: str = "chars") -> Score:
+    """A penalty in [-1, 0] for responses longer than `max_length`.
+
+        n = len(response) in chars (or whitespace-separated words when unit="words")
+        penalty = -min(1, max(0, n - max_length) / slack),   slack defaults to max_length
+
+    So a response at the limit costs nothing and one `slack` units over it costs the full weight.
+    """
+    if unit not in ("chars", "words"):
+        raise ValueError(f"unit must be 'chars' or 'words', got {unit!r}")
+    n = len(item.response) if unit == "chars" else len(item.response.split())
+    over = max(0, n - max_length)
+    value = -min(1.0, over / float(slack or max_length or 1))
+    return value, f"length_penalty: {n} {unit} ({over} over {max_length})"
+
+
+FUNCTIONS["regex_match"] = regex_match
+FUNCTIONS["length_penalty"] = length_penalty

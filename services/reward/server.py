@@ -1,33 +1,63 @@
 """The RewardService servicer: validates batches and combines weighted reward functions.
 
-score(item) = sum_f weight_f * f(item), with one sub-score per function. A function that is slow
-or crashes scores that item 0 with reason TIMEOUT / ERROR and never fails the batch.
+    score(item) = sum_f weight_f * f(item)      with one sub-score per function
+
+Every item has one deadline (`item_timeout_seconds`) for all its functions, which run
+concurrently: synchronous ones on a thread pool, async ones (code_tests, async user functions)
+on the event loop. A function that overruns the deadline or raises scores 0, and so does the
+item: its score is 0 and its reason starts with "TIMEOUT" or "ERROR: ...". The batch never fails
+for one item and returns within the deadline (plus scheduling slack).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from forgerpc.clients.config import ConfigError
 from forgerpc.services.common.errors import require
 from forgerpc.services.common.runtime import ServiceDefinition
-from forgerpc.services.reward.config import RewardConfig
+from forgerpc.services.reward.code import CodeTests
+from forgerpc.services.reward.config import FunctionConfig, RewardConfig
 from forgerpc.services.reward.functions import FUNCTIONS
+from forgerpc.services.reward.math_equiv import math_equiv
+from forgerpc.services.reward.user import UserFunction
 from forgerpc.v1 import reward_pb2, reward_pb2_grpc
+
+SYNC = {**FUNCTIONS, "math_equiv": math_equiv}
+
+
+def _build(i: int, f: FunctionConfig, cfg: RewardConfig):
+    """(callable(item), is_async) for one configured function; ConfigError names the key."""
+    try:
+        if f.kind == "code_tests":
+            fn = CodeTests(cfg.sandbox_address, **f.options)
+            return fn, True
+        if f.kind == "python":
+            fn = UserFunction(**f.options)
+            return (fn.call_async, True) if fn.is_async else (fn, False)
+        if f.kind == "reward_model":
+            from forgerpc.services.reward.model import RewardModel  # imports torch: only if used
+
+            return RewardModel(**f.options), False
+        fn = SYNC[f.kind]
+        inspect.signature(fn).bind(None, **f.options)
+        return functools.partial(fn, **f.options), False
+    except (TypeError, ValueError, OSError) as e:
+        raise ConfigError(f"key 'functions.{i}.options': {e} for kind {f.kind}") from None
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
+        self.threads = ThreadPoolExecutor(cfg.threads, thread_name_prefix="reward")
         self.functions = []
         for i, f in enumerate(cfg.functions):
-            fn = FUNCTIONS[f.kind]
-            try:
-                inspect.signature(fn).bind(None, **f.options)
-            except TypeError as e:
-                raise ConfigError(f"key 'functions.{i}.options': {e} for kind {f.kind}") from None
-            self.functions.append((f.name or f.kind, f.weight, fn, f.options))
+            fn, is_async = _build(i, f, cfg)
+            self.functions.append((f.name or f.kind, f.weight, fn, is_async))
 
     async def Evaluate(self, request: reward_pb2.EvaluateRequest, context) -> reward_pb2.EvaluateResponse:
         require(len(request.items) > 0, "items", "must hold at least one item")
@@ -40,19 +70,39 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         scores = await asyncio.gather(*(self._score(item, timeout) for item in request.items))
         return reward_pb2.EvaluateResponse(scores=scores)
 
+    def _start(self, fn, is_async: bool, item) -> asyncio.Future:
+        if is_async:
+            return asyncio.ensure_future(fn(item))
+        return asyncio.get_running_loop().run_in_executor(self.threads, fn, item)
+
     async def _score(self, item: reward_pb2.RewardItem, timeout: float) -> reward_pb2.RewardScore:
-        total, subs, reasons = 0.0, {}, []
-        for name, weight, fn, options in self.functions:
-            try:
-                # Threads so that one slow function cannot stall the event loop or the batch.
-                value, reason = await asyncio.wait_for(asyncio.to_thread(fn, item, **options), timeout)
-            except asyncio.TimeoutError:
-                value, reason = 0.0, f"{name}: TIMEOUT after {timeout:g}s"
-            except Exception as e:  # noqa: BLE001 - a crashing function scores 0, the batch goes on
+        start = time.monotonic()
+        futures = [self._start(fn, is_async, item) for _, _, fn, is_async in self.functions]
+        try:
+            done, pending = await asyncio.wait(futures, timeout=timeout)
+        except asyncio.CancelledError:  # the caller went away: stop sandbox runs it started
+            for f in futures:
+                f.cancel()
+            raise
+        for f in pending:
+            f.cancel()  # async ones stop now; a thread finishes in the background, result unused
+        total, subs, reasons, failure = 0.0, {}, [], ""
+        for (name, weight, _, _), fut in zip(self.functions, futures):
+            if fut in pending:
+                value, reason = 0.0, f"{name}: TIMEOUT after {time.monotonic() - start:.3g}s"
+                failure = failure or "TIMEOUT"
+            elif fut.exception() is not None:
+                e = fut.exception()
                 value, reason = 0.0, f"{name}: ERROR: {type(e).__name__}: {e}"[:200]
+                failure = failure or f"ERROR: {type(e).__name__}"
+            else:
+                value, reason = fut.result()
             subs[name] = value
             total += weight * value
             reasons.append(reason)
+        if failure:  # a slow or crashing item scores 0 as a whole
+            total = 0.0
+            reasons.insert(0, failure)
         return reward_pb2.RewardScore(score=total, sub_scores=subs, reason="; ".join(reasons))
 
     async def ListRewardFunctions(self, request, context) -> reward_pb2.ListRewardFunctionsResponse:
@@ -63,9 +113,26 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             ]
         )
 
+    async def close(self) -> None:
+        for _, _, fn, _ in self.functions:
+            owner = getattr(fn, "__self__", fn)
+            if isinstance(owner, CodeTests):
+                await owner.close()
+        self.threads.shutdown(wait=False, cancel_futures=True)
+
+
+_servicers: list[RewardServicer] = []
+
 
 async def create(cfg: RewardConfig):
-    return [RewardServicer(cfg)]
+    servicer = RewardServicer(cfg)
+    _servicers.append(servicer)
+    return [servicer]
 
 
-SERVICE = ServiceDefinition(name="reward", config_model=RewardConfig, create=create)
+async def close():
+    while _servicers:
+        await _servicers.pop().close()
+
+
+SERVICE = ServiceDefinition(name="reward", config_model=RewardConfig, create=create, close=close)

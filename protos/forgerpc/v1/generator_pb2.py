@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from forgerpc.v1 import common_pb2 as forgerpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66orgerpc/v1/generator.proto\x12\x0b\x66orgerpc.v1\x1a\x18\x66orgerpc/v1/common.proto\"m\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.forgerpc.v1.Prompt\x12\x34\n\x0fsampling_params\x18\x02 \x01(\x0b\x32\x1b.forgerpc.v1.SamplingParams\"@\n\x10GenerateResponse\x12,\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x17.forgerpc.v1.Completion\"\x90\x01\n\x14UpdateWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x1c\n\x14weight_store_address\x18\x02 \x01(\t\x12\x12\n\nlocal_path\x18\x03 \x01(\t\x12\x35\n\x10in_flight_policy\x18\x04 \x01(\x0e\x32\x1b.forgerpc.v1.InFlightPolicy\"S\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x18\n\x10\x61\x62orted_requests\x18\x03 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xaa\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x18\n\x10pending_requests\x18\x06 \x01(\x05\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\"F\n\x0fTokenizeRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.forgerpc.v1.Prompt\x12\r\n\x05texts\x18\x02 \x03(\t\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x10TokenizeResponse\x12&\n\x07prompts\x18\x01 \x03(\x0b\x32\x15.forgerpc.v1.TokenIds\x12$\n\x05texts\x18\x02 \x03(\x0b\x32\x15.forgerpc.v1.TokenIds*j\n\x0eInFlightPolicy\x12 \n\x1cIN_FLIGHT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n\x16IN_FLIGHT_POLICY_DRAIN\x10\x01\x12\x1a\n\x16IN_FLIGHT_POLICY_ABORT\x10\x02\x32\xe5\x02\n\x10GeneratorService\x12L\n\x08Generate\x12\x1c.forgerpc.v1.GenerateRequest\x1a\x1d.forgerpc.v1.GenerateResponse\"\x03\x90\x02\x02\x12[\n\rUpdateWeights\x12!.forgerpc.v1.UpdateWeightsRequest\x1a\".forgerpc.v1.UpdateWeightsResponse\"\x03\x90\x02\x02\x12L\n\x08Tokenize\x12\x1c.forgerpc.v1.TokenizeRequest\x1a\x1d.forgerpc.v1.TokenizeResponse\"\x03\x90\x02\x01\x12X\n\x0cGetModelInfo\x12 .forgerpc.v1.GetModelInfoRequest\x1a!.forgerpc.v1.GetModelInfoResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66orgerpc/v1/generator.proto\x12\x0b\x66orgerpc.v1\x1a\x18\x66orgerpc/v1/common.proto\"m\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.forgerpc.v1.Prompt\x12\x34\n\x0fsampling_params\x18\x02 \x01(\x0b\x32\x1b.forgerpc.v1.SamplingParams\"@\n\x10GenerateResponse\x12,\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x17.forgerpc.v1.Completion\"\x90\x01\n\x14UpdateWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x1c\n\x14weight_store_address\x18\x02 \x01(\t\x12\x12\n\nlocal_path\x18\x03 \x01(\t\x12\x35\n\x10in_flight_policy\x18\x04 \x01(\x0e\x32\x1b.forgerpc.v1.InFlightPolicy\"S\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x18\n\x10\x61\x62orted_requests\x18\x03 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xda\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x18\n\x10pending_requests\x18\x06 \x01(\x05\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12\x14\n\x0c\x65ngine_steps\x18\x08 \x01(\x03\x12\x18\n\x10generated_tokens\x18\t \x01(\x03\"F\n\x0fTokenizeRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.forgerpc.v1.Prompt\x12\r\n\x05texts\x18\x02 \x03(\t\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x10TokenizeResponse\x12&\n\x07prompts\x18\x01 \x03(\x0b\x32\x15.forgerpc.v1.TokenIds\x12$\n\x05texts\x18\x02 \x03(\x0b\x32\x15.forgerpc.v1.TokenIds*j\n\x0eInFlightPolicy\x12 \n\x1cIN_FLIGHT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n\x16IN_FLIGHT_POLICY_DRAIN\x10\x01\x12\x1a\n\x16IN_FLIGHT_POLICY_ABORT\x10\x02\x32\xe5\x02\n\x10GeneratorService\x12L\n\x08Generate\x12\x1c.forgerpc.v1.GenerateRequest\x1a\x1d.forgerpc.v1.GenerateResponse\"\x03\x90\x02\x02\x12[\n\rUpdateWeights\x12!.forgerpc.v1.UpdateWeightsRequest\x1a\".forgerpc.v1.UpdateWeightsResponse\"\x03\x90\x02\x02\x12L\n\x08Tokenize\x12\x1c.forgerpc.v1.TokenizeRequest\x1a\x1d.forgerpc.v1.TokenizeResponse\"\x03\x90\x02\x01\x12X\n\x0cGetModelInfo\x12 .forgerpc.v1.GetModelInfoRequest\x1a!.forgerpc.v1.GetModelInfoResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATORSERVICE'].methods_by_name['Tokenize']._serialized_options = b'\220\002\001'
   _globals['_GENERATORSERVICE'].methods_by_name['GetModelInfo']._loaded_options = None
   _globals['_GENERATORSERVICE'].methods_by_name['GetModelInfo']._serialized_options = b'\220\002\001'
-  _globals['_INFLIGHTPOLICY']._serialized_start=876
-  _globals['_INFLIGHTPOLICY']._serialized_end=982
+  _globals['_INFLIGHTPOLICY']._serialized_start=924
+  _globals['_INFLIGHTPOLICY']._serialized_end=1030
   _globals['_GENERATEREQUEST']._serialized_start=70
   _globals['_GENERATEREQUEST']._serialized_end=179
   _globals['_GENERATERESPONSE']._serialized_start=181
@@ -53,13 +53,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=479
   _globals['_GETMODELINFOREQUEST']._serialized_end=500
   _globals['_GETMODELINFORESPONSE']._serialized_start=503
-  _globals['_GETMODELINFORESPONSE']._serialized_end=673
-  _globals['_TOKENIZEREQUEST']._serialized_start=675
-  _globals['_TOKENIZEREQUEST']._serialized_end=745
-  _globals['_TOKENIDS']._serialized_start=747
-  _globals['_TOKENIDS']._serialized_end=776
-  _globals['_TOKENIZERESPONSE']._serialized_start=778
-  _globals['_TOKENIZERESPONSE']._serialized_end=874
-  _globals['_GENERATORSERVICE']._serialized_start=985
-  _globals['_GENERATORSERVICE']._serialized_end=1342
+  _globals['_GETMODELINFORESPONSE']._serialized_end=721
+  _globals['_TOKENIZEREQUEST']._serialized_start=723
+  _globals['_TOKENIZEREQUEST']._serialized_end=793
+  _globals['_TOKENIDS']._serialized_start=795
+  _globals['_TOKENIDS']._serialized_end=824
+  _globals['_TOKENIZERESPONSE']._serialized_start=826
+  _globals['_TOKENIZERESPONSE']._serialized_end=922
+  _globals['_GENERATORSERVICE']._serialized_start=1033
+  _globals['_GENERATORSERVICE']._serialized_end=1390
 # @@protoc_insertion_point(module_scope)

@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66orgerpc/v1/sandbox.proto\x12\x0b\x66orgerpc.v1\",\n\x0bSandboxFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"\xae\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\'\n\x08language\x18\x02 \x01(\x0e\x32\x15.forgerpc.v1.Language\x12\r\n\x05stdin\x18\x03 \x01(\x0c\x12\'\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x18.forgerpc.v1.SandboxFile\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\"\xb1\x01\n\x0f\x45xecuteResponse\x12%\n\x07verdict\x18\x01 \x01(\x0e\x32\x14.forgerpc.v1.Verdict\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x0e\n\x06stdout\x18\x03 \x01(\x0c\x12\x0e\n\x06stderr\x18\x04 \x01(\x0c\x12\x14\n\x0cwall_seconds\x18\x05 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x06 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x07 \x01(\x04*9\n\x08Language\x12\x18\n\x14LANGUAGE_UNSPECIFIED\x10\x00\x12\x13\n\x0fLANGUAGE_PYTHON\x10\x01*\xaa\x01\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x0e\n\nVERDICT_OK\x10\x01\x12\x13\n\x0fVERDICT_TIMEOUT\x10\x02\x12\x18\n\x14VERDICT_MEMORY_LIMIT\x10\x03\x12\x18\n\x14VERDICT_OUTPUT_LIMIT\x10\x04\x12\x19\n\x15VERDICT_RUNTIME_ERROR\x10\x05\x12\x12\n\x0eVERDICT_KILLED\x10\x06\x32V\n\x0eSandboxService\x12\x44\n\x07\x45xecute\x12\x1b.forgerpc.v1.ExecuteRequest\x1a\x1c.forgerpc.v1.ExecuteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66orgerpc/v1/sandbox.proto\x12\x0b\x66orgerpc.v1\",\n\x0bSandboxFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"\xae\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\'\n\x08language\x18\x02 \x01(\x0e\x32\x15.forgerpc.v1.Language\x12\r\n\x05stdin\x18\x03 \x01(\x0c\x12\'\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x18.forgerpc.v1.SandboxFile\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\"\xcb\x01\n\x0f\x45xecuteResponse\x12%\n\x07verdict\x18\x01 \x01(\x0e\x32\x14.forgerpc.v1.Verdict\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x0e\n\x06stdout\x18\x03 \x01(\x0c\x12\x0e\n\x06stderr\x18\x04 \x01(\x0c\x12\x14\n\x0cwall_seconds\x18\x05 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x06 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x07 \x01(\x04\x12\x18\n\x10isolation_layers\x18\x08 \x03(\t*9\n\x08Language\x12\x18\n\x14LANGUAGE_UNSPECIFIED\x10\x00\x12\x13\n\x0fLANGUAGE_PYTHON\x10\x01*\xaa\x01\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x0e\n\nVERDICT_OK\x10\x01\x12\x13\n\x0fVERDICT_TIMEOUT\x10\x02\x12\x18\n\x14VERDICT_MEMORY_LIMIT\x10\x03\x12\x18\n\x14VERDICT_OUTPUT_LIMIT\x10\x04\x12\x19\n\x15VERDICT_RUNTIME_ERROR\x10\x05\x12\x12\n\x0eVERDICT_KILLED\x10\x06\x32V\n\x0eSandboxService\x12\x44\n\x07\x45xecute\x12\x1b.forgerpc.v1.ExecuteRequest\x1a\x1c.forgerpc.v1.ExecuteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'forgerpc.v1.sandbox_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LANGUAGE']._serialized_start=445
-  _globals['_LANGUAGE']._serialized_end=502
-  _globals['_VERDICT']._serialized_start=505
-  _globals['_VERDICT']._serialized_end=675
+  _globals['_LANGUAGE']._serialized_start=471
+  _globals['_LANGUAGE']._serialized_end=528
+  _globals['_VERDICT']._serialized_start=531
+  _globals['_VERDICT']._serialized_end=701
   _globals['_SANDBOXFILE']._serialized_start=42
   _globals['_SANDBOXFILE']._serialized_end=86
   _globals['_EXECUTEREQUEST']._serialized_start=89
   _globals['_EXECUTEREQUEST']._serialized_end=263
   _globals['_EXECUTERESPONSE']._serialized_start=266
-  _globals['_EXECUTERESPONSE']._serialized_end=443
-  _globals['_SANDBOXSERVICE']._serialized_start=677
-  _globals['_SANDBOXSERVICE']._serialized_end=763
+  _globals['_EXECUTERESPONSE']._serialized_end=469
+  _globals['_SANDBOXSERVICE']._serialized_start=703
+  _globals['_SANDBOXSERVICE']._serialized_end=789
 # @@protoc_insertion_point(module_scope)

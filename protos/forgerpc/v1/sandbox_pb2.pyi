@@ -56,7 +56,7 @@ class ExecuteRequest(_message.Message):
     def __init__(self, code: _Optional[str] = ..., language: _Optional[_Union[Language, str]] = ..., stdin: _Optional[bytes] = ..., files: _Optional[_Iterable[_Union[SandboxFile, _Mapping]]] = ..., timeout_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
-    __slots__ = ("verdict", "exit_code", "stdout", "stderr", "wall_seconds", "cpu_seconds", "peak_memory_bytes")
+    __slots__ = ("verdict", "exit_code", "stdout", "stderr", "wall_seconds", "cpu_seconds", "peak_memory_bytes", "isolation_layers")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class ExecuteResponse(_message.Message):
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_LAYERS_FIELD_NUMBER: _ClassVar[int]
     verdict: Verdict
     exit_code: int
     stdout: bytes
@@ -71,4 +72,5 @@ class ExecuteResponse(_message.Message):
     wall_seconds: float
     cpu_seconds: float
     peak_memory_bytes: int
-    def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., exit_code: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., wall_seconds: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
+    isolation_layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., exit_code: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., wall_seconds: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., isolation_layers: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -72,10 +72,12 @@ class PublishWeightsResponse(_message.Message):
     def __init__(self, version: _Optional[_Union[_common_pb2.WeightVersion, _Mapping]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., location: _Optional[str] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
-    __slots__ = ("directory",)
+    __slots__ = ("directory", "data_position")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    DATA_POSITION_FIELD_NUMBER: _ClassVar[int]
     directory: str
-    def __init__(self, directory: _Optional[str] = ...) -> None: ...
+    data_position: str
+    def __init__(self, directory: _Optional[str] = ..., data_position: _Optional[str] = ...) -> None: ...
 
 class SaveCheckpointResponse(_message.Message):
     __slots__ = ("path", "step")

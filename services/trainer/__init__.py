@@ -1,0 +1,1 @@
+"""Trainer service: policy-gradient and SFT training steps, checkpoints, weight publishing."""

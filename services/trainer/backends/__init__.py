@@ -1,0 +1,1 @@
+"""Trainer backends; each one file with the same interface (see torch_backend.TorchBackend)."""

@@ -1,0 +1,264 @@
+"""The torch backend: plain PyTorch over an HF-format causal LM (CPU or GPU, optionally FSDP2).
+
+One `train_step(samples)`:
+
+    advantages (given, or group-relative over the batch) -> for each micro-batch:
+        forward (left-padded prompts, so every response starts at the same column) -> per-token
+        logprobs -> loss with the *whole* batch's counts -> backward (gradients accumulate)
+    -> if loss and grad norm are finite: clip, AdamW step, LR schedule step; else: drop the gradients.
+
+Under `torchrun` (torch.distributed initialized) the model is sharded with FSDP2 (`fully_shard` per
+decoder layer, then the root), each rank takes every world_size-th sample, and because FSDP averages
+gradients over ranks each rank's loss is multiplied by world_size: the result equals one process
+(tests/test_trainer_fsdp.py). Not yet under FSDP: `save_checkpoint` / `save_pretrained` (they need
+the gathered state from `full_state_dict`), and serving gRPC from rank 0 with the other ranks
+following its steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import pathlib
+import time
+
+import torch
+import torch.distributed as dist
+
+from forgerpc.services.trainer import checkpoint, losses
+from forgerpc.services.trainer.config import TrainerConfig
+
+
+# loss kind -> (ratio level, aggregation, default clip_low, default clip_high); see losses.py for each paper.
+LOSS_KINDS = {
+    "grpo": ("token", "seq_mean", 0.2, 0.2),
+    "dapo": ("token", "token_mean", 0.2, 0.28),
+    "dr_grpo": ("token", "constant", 0.2, 0.2),
+    "gspo": ("sequence", "seq_mean", 3e-4, 4e-4),
+}
+
+
+@dataclasses.dataclass
+class Sample:
+    """One episode, already validated. `advantage` None: compute it group-relative from `reward`."""
+
+    prompt: list[int]
+    response: list[int]
+    generator_logprobs: list[float]
+    mask: list[int]
+    reward: float = 0.0
+    advantage: float | None = None
+    group_id: str = ""
+    policy_version: int = 0
+
+
+@dataclasses.dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    tokens: int
+    kl: float
+    clip_fraction: float
+    entropy: float
+    step_seconds: float
+    skipped: bool = False
+    skip_reason: str = ""
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Multiplier of the base LR at step s: linear warmup (s+1)/warmup, then cosine from 1 to min_ratio."""
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, cfg: TrainerConfig, model, tokenizer=None):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = tokenizer
+        self.model = model.to(self.device).train()
+        self.model.config.use_cache = False
+        self.vocab_size = self.model.config.vocab_size
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", 1 << 30)
+        self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
+        self.ref_model = None
+        if cfg.loss.beta > 0:  # the KL reference is the initial policy, frozen
+            import copy
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if cfg.activation_checkpointing:
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.world > 1:
+            self._shard()
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(o.warmup_steps, o.total_steps, o.min_lr_ratio))
+        self.step = 0
+        self.policy_version = 0
+        self.data_position = ""
+
+    def _shard(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.model.model.layers:
+            fully_shard(layer)
+        fully_shard(self.model)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def train_step(self, samples: list[Sample], objective: str = "policy_gradient") -> StepResult:
+        start = time.perf_counter()
+        advantages = self._advantages(samples)
+        mine = list(range(self.rank, len(samples), self.world))
+        n_tokens = sum(sum(s.mask) for s in samples)
+        counts = dict(num_sequences=len(samples), num_tokens=max(n_tokens, 1),
+                      max_tokens=self.cfg.loss.max_tokens or max(len(s.response) for s in samples))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = torch.zeros(5, device=self.device)  # loss, kl_sum, clipped, tokens, entropy_sum; read once
+        mb = self.cfg.micro_batch_size
+        # Every rank runs the same number of micro-batches, or FSDP's collectives would not pair up.
+        n_micro = math.ceil(math.ceil(len(samples) / self.world) / mb)
+        for i in range(0, n_micro * mb, mb):
+            idx = mine[i:i + mb]
+            weight = 1.0 if idx else 0.0  # a rank out of samples runs a zero-weight pass to join the collectives
+            idx = idx or [0]
+            chunk = [samples[j] for j in idx]
+            out, entropy_sum = self._micro_batch(chunk, advantages[idx], objective, counts)
+            (out.loss * weight * self.world).backward()
+            totals += torch.stack([out.loss.detach(), out.kl_sum, out.clipped_sum, out.tokens, entropy_sum]) * weight
+        if self.world > 1:
+            totals = totals if dist.get_backend() == "nccl" else totals.cpu()
+            dist.all_reduce(totals)
+        loss, kl_sum, clipped, tokens, entropy_sum = totals.tolist()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        reason = ""
+        if not math.isfinite(loss):
+            reason = f"non-finite loss ({loss})"
+        elif not math.isfinite(grad_norm):
+            reason = f"non-finite gradient norm ({grad_norm})"
+        if reason:
+            self.optimizer.zero_grad(set_to_none=True)  # weights, optimizer and schedule stay untouched
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+        t = max(tokens, 1.0)
+        return StepResult(step=self.step, loss=loss, grad_norm=grad_norm, learning_rate=lr, tokens=int(tokens),
+                          kl=kl_sum / t, clip_fraction=clipped / t, entropy=entropy_sum / t,
+                          step_seconds=time.perf_counter() - start, skipped=bool(reason), skip_reason=reason)
+
+    def _advantages(self, samples: list[Sample]) -> torch.Tensor:
+        """Given advantages where present; the rest group-relative over the batch (see losses.group_advantages)."""
+        given = [s.advantage for s in samples]
+        if all(a is not None for a in given):
+            return torch.tensor(given, dtype=torch.float32)
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        ids = [s.group_id or f"#{i}" for i, s in enumerate(samples)]  # no group id: a group of one
+        computed = losses.group_advantages(rewards, ids, normalize_std=self.cfg.loss.normalize_std)
+        return torch.tensor([a if a is not None else c for a, c in zip(given, computed.tolist())])
+
+    def _batch(self, chunk: list[Sample]):
+        """Left-pads prompts and right-pads responses so all responses start at column P = max prompt length.
+
+        Returns input_ids, attention_mask, position_ids (b, P + R); targets, gen_logprobs, mask (b, R).
+        """
+        P = max(len(s.prompt) for s in chunk)
+        R = max(len(s.response) for s in chunk)
+        b = len(chunk)
+        ids = torch.full((b, P + R), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((b, P + R), dtype=torch.long)
+        gen = torch.zeros((b, R))
+        mask = torch.zeros((b, R))
+        for i, s in enumerate(chunk):
+            p, r = len(s.prompt), len(s.response)
+            ids[i, P - p:P] = torch.tensor(s.prompt)
+            ids[i, P:P + r] = torch.tensor(s.response)
+            attn[i, P - p:P + r] = 1
+            gen[i, :r] = torch.tensor(s.generator_logprobs)
+            mask[i, :r] = torch.tensor(s.mask, dtype=torch.float32)
+        # Positions count real tokens only, so a left-padded prompt sees the positions the generator saw.
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        d = self.device
+        return ids.to(d), attn.to(d), positions.to(d), ids[:, P:].to(d), gen.to(d), mask.to(d)
+
+    def _logprobs(self, model, ids, attn, positions, targets):
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        R = targets.shape[1]
+        with autocast:
+            # Logits at columns P-1 .. P+R-2 predict the R response tokens.
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=R + 1).logits
+        return losses.token_logprobs_and_entropy(logits[:, :-1], targets)
+
+    def _micro_batch(self, chunk: list[Sample], adv: torch.Tensor, objective: str, counts: dict):
+        ids, attn, positions, targets, gen, mask = self._batch(chunk)
+        logp, entropy = self._logprobs(self.model, ids, attn, positions, targets)
+        entropy_sum = (entropy * mask).sum()
+        if objective == "sft":
+            return losses.sft_loss(logp, mask, num_tokens=counts["num_tokens"]), entropy_sum
+        lc = self.cfg.loss
+        kw = dict(num_sequences=counts["num_sequences"], num_tokens=counts["num_tokens"])
+        if self.ref_model is not None:
+            with torch.no_grad():
+                kw["ref_logprobs"], _ = self._logprobs(self.ref_model, ids, attn, positions, targets)
+            kw["beta"] = lc.beta
+        old = gen
+        stale = torch.tensor([[s.policy_version < self.policy_version] for s in chunk], device=self.device)
+        use_tis = {"on": torch.ones_like(stale), "off": torch.zeros_like(stale), "auto": stale}[lc.tis]
+        if use_tis.any():
+            # Proximal ratio against our own current logprobs; the sampling mismatch goes into TIS weights.
+            old = torch.where(use_tis, logp.detach(), gen)
+            kw["is_weights"] = torch.where(use_tis, losses.tis_weights(logp.detach(), gen, lc.tis_cap),
+                                           torch.ones_like(gen))
+        level, aggregation, clip_low, clip_high = LOSS_KINDS[lc.kind]
+        out = losses.policy_loss(
+            logp, old, adv.to(self.device), mask, level=level, aggregation=aggregation,
+            clip_low=lc.clip_low if lc.clip_low is not None else clip_low,
+            clip_high=lc.clip_high if lc.clip_high is not None else clip_high,
+            max_tokens=counts["max_tokens"], **kw)
+        return out, entropy_sum
+
+    # ---- weights and checkpoints ----------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights (HF names); under FSDP every rank must call it (it gathers)."""
+        if self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict()
+
+    def save_pretrained(self, directory: pathlib.Path) -> int:
+        """Writes an HF directory (config, safetensors, tokenizer) that a generator can load; returns bytes."""
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+        return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+    def save_checkpoint(self, root: pathlib.Path, keep: int) -> pathlib.Path:
+        meta = {"step": self.step, "policy_version": self.policy_version, "data_position": self.data_position,
+                "config": self.cfg.model_dump(mode="json")}
+        return checkpoint.save(root, self.model, self.optimizer, self.scheduler, meta, keep=keep)
+
+    def load_checkpoint(self, path: pathlib.Path) -> dict:
+        meta = checkpoint.load(path, self.model, self.optimizer, self.scheduler)
+        self.step, self.policy_version = meta["step"], meta["policy_version"]
+        self.data_position = meta.get("data_position", "")
+        return meta

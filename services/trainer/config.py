@@ -1,0 +1,69 @@
+"""Trainer service config.
+
+    forgerpc serve trainer tiny_model=true                          # demo / tests: a tiny random Llama
+    forgerpc serve trainer model_path=~/.cache/forgerpc/SmolLM2-135M-Instruct loss.kind=dapo optim.lr=1e-6
+
+Keys: `model_path` (HF directory) or `tiny_model: true`; `loss` (which GRPO-family objective and its
+clip range, beta, TIS); `optim` (AdamW, warmup + cosine, grad clipping); `micro_batch_size` (gradient
+accumulation: a step never holds more than one micro-batch of activations); checkpoint and publish dirs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from forgerpc.clients.config import Config
+from forgerpc.services.common.runtime import ServiceConfig
+
+
+class LossConfig(Config):
+    """Which policy-gradient objective; see services/trainer/losses.py for the formulas."""
+
+    kind: Literal["grpo", "dapo", "dr_grpo", "gspo"] = "grpo"
+    # None: the paper's default for `kind` (grpo/dr_grpo 0.2/0.2, dapo 0.2/0.28, gspo 3e-4/4e-4)
+    clip_low: float | None = Field(default=None, ge=0)
+    clip_high: float | None = Field(default=None, ge=0)
+    beta: float = Field(default=0.0, ge=0)  # k3 KL to the initial weights; 0 = no reference model
+    # Generation budget, Dr.GRPO's constant normalizer; 0 = the longest response of the batch.
+    max_tokens: int = Field(default=0, ge=0)
+    # Truncated importance sampling for stale episodes (policy_version < trainer's): "auto" = on when
+    # stale; such episodes then use a proximal ratio against the trainer's logprobs, weighted by TIS.
+    tis: Literal["auto", "on", "off"] = "auto"
+    tis_cap: float = Field(default=2.0, gt=0)
+    # Advantages for episodes without has_advantage: group-relative over equal group_id in the batch.
+    normalize_std: bool = True  # False = Dr.GRPO advantages
+
+
+class OptimConfig(Config):
+    """AdamW with linear warmup then cosine decay to lr * min_lr_ratio over total_steps."""
+
+    lr: float = Field(default=1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(default=0.0, ge=0)
+    eps: float = Field(default=1e-8, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    total_steps: int = Field(default=1000, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+
+
+class TrainerConfig(ServiceConfig):
+    backend: Literal["torch"] = "torch"  # "titan" needs a GPU (issue #7 device check)
+    model_path: str = ""  # empty: a tiny random model (as tiny_model=true), so `forgerpc serve trainer` runs
+    tiny_model: bool = False  # build a tiny random model at start (demos, tests); ignores model_path
+    tiny_arch: Literal["llama", "qwen2", "qwen3"] = "llama"
+    seed: int = 0
+    objective: Literal["policy_gradient", "sft"] = "policy_gradient"
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    micro_batch_size: int = Field(default=8, gt=0)  # episodes per forward/backward
+    activation_checkpointing: bool = False
+    device: str = "cpu"  # "cuda" turns on bf16 autocast
+    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default
+    max_batch_episodes: int = Field(default=4096, gt=0)
+    checkpoint_dir: str = "~/.cache/forgerpc/trainer/checkpoints"
+    keep_checkpoints: int = Field(default=3, gt=0)
+    publish_dir: str = "~/.cache/forgerpc/trainer/published"
+    producer: str = "trainer-0"

@@ -1,0 +1,1 @@
+"""Weight store service: versioned, atomically published policy weights (issue #4)."""

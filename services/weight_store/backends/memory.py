@@ -1,0 +1,46 @@
+"""Heap-memory backend: versions in bytearrays. Readers get them over gRPC only."""
+
+from __future__ import annotations
+
+
+class HeapBlob:
+    segment_name = ""
+
+    def __init__(self, size: int, owner: set):
+        self.size = size
+        self._data: bytearray | None = bytearray(size)
+        self.view = memoryview(self._data)
+        self._owner = owner
+        owner.add(self)
+
+    def free(self) -> None:
+        if self._data is not None:
+            try:
+                self.view.release()
+            except BufferError:  # a reader's slice is still alive; the GC frees it later
+                pass
+            self._data = None
+            self._owner.discard(self)
+
+
+class MemoryBackend:
+    shared_memory = False
+
+    def __init__(self):
+        self._blobs: set[HeapBlob] = set()
+
+    async def start(self) -> None:
+        pass
+
+    def allocate(self, size: int, kind: str) -> HeapBlob:
+        return HeapBlob(size, self._blobs)
+
+    async def seal(self, key: str, blob: HeapBlob) -> HeapBlob:
+        return blob
+
+    async def readable(self, blob: HeapBlob) -> memoryview:
+        return blob.view
+
+    async def close(self) -> None:
+        for blob in list(self._blobs):
+            blob.free()

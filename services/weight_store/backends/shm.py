@@ -1,0 +1,137 @@
+"""Shared-memory backend: every version is a POSIX shared-memory segment (a file in /dev/shm).
+
+Same-host writers fill an upload segment that then *becomes* the version (no copy in the store),
+and same-host readers map it read-only, so Put and Get each cost about one memcpy.
+
+Freed segments of the common size are kept (up to `spare_segments`) and handed out again: a
+policy has the same byte size every version, and re-filling a mapped segment is ~3x faster than
+faulting in a fresh one (ENVIRONMENT.md: 3.3 vs 1.1 GB/s).
+
+Segment names are "<prefix>.<pid>.<kind>-<random>": the pid says which store owns a segment, so
+a store starting up deletes the segments of stores that died without cleaning up (SIGKILL, OOM)
+and never touches those of a live store sharing the prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+
+SHM_DIR = "/dev/shm"
+log = logging.getLogger("forgerpc.weight_store.shm")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class ShmBlob:
+    """A segment of `size` bytes mapped read-write into the store."""
+
+    def __init__(self, name: str, size: int, backend: "SharedMemoryBackend"):
+        self.segment_name = name
+        self.size = size
+        self.path = os.path.join(SHM_DIR, name)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            # mmap cannot map 0 bytes; an empty version still gets a (1-byte) segment.
+            # MAP_POPULATE: allocate all pages now, in bulk, instead of one fault per 4 KiB.
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        except BaseException:
+            os.unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
+        self.view = memoryview(self._mmap)[:size]
+        self._backend = backend
+        backend._blobs.add(self)
+
+    def free(self) -> None:
+        """Back to the backend's spare pool, or destroyed."""
+        self._backend._recycle(self)
+
+    def destroy(self) -> None:
+        if self._mmap is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        try:
+            self.view.release()
+            self._mmap.close()
+        except BufferError:  # a slice is still referenced; the mapping goes with it (name is gone)
+            pass
+        self._mmap = None
+        self._backend._blobs.discard(self)
+
+
+class SharedMemoryBackend:
+    shared_memory = True
+
+    def __init__(self, prefix: str, spare_segments: int = 2):
+        self.prefix = prefix
+        self.spare_segments = spare_segments
+        self._blobs: set[ShmBlob] = set()
+        self._spares: list[ShmBlob] = []
+
+    async def start(self) -> None:
+        if not os.path.isdir(SHM_DIR):
+            raise OSError(f"{SHM_DIR} is missing: use backend=memory on this host")
+        reclaimed = reclaim_orphans(self.prefix)
+        if reclaimed:
+            log.warning("reclaimed %d orphaned segments of dead stores: %s", len(reclaimed), reclaimed[:5])
+
+    def allocate(self, size: int, kind: str) -> ShmBlob:
+        for blob in self._spares:
+            if blob.size == size:
+                self._spares.remove(blob)
+                return blob
+        name = f"{self.prefix}.{os.getpid()}.{kind}-{secrets.token_hex(8)}"
+        return ShmBlob(name, size, self)
+
+    def _recycle(self, blob: ShmBlob) -> None:
+        if blob._mmap is None or blob in self._spares:
+            return
+        self._spares.append(blob)
+        if len(self._spares) > self.spare_segments:
+            self._spares.pop(0).destroy()
+
+    async def seal(self, key: str, blob: ShmBlob) -> ShmBlob:
+        return blob
+
+    async def readable(self, blob: ShmBlob) -> memoryview:
+        return blob.view
+
+    async def close(self) -> None:
+        self._spares.clear()
+        for blob in list(self._blobs):
+            blob.destroy()
+
+
+def reclaim_orphans(prefix: str) -> list[str]:
+    """Deletes segments named "<prefix>.<pid>.*" whose pid no longer runs; returns their names."""
+    reclaimed = []
+    for name in os.listdir(SHM_DIR):
+        head, _, rest = name.partition(".")
+        pid_text = rest.partition(".")[0]
+        if head != prefix or not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            reclaimed.append(name)
+        except FileNotFoundError:  # another store reclaimed it first
+            pass
+    return reclaimed

@@ -1,0 +1,270 @@
+"""The catalog of a weight store: complete versions, uploads in flight, readers, leases, watchers.
+
+Invariants:
+* A version is in `versions` only after all its bytes arrived and every checksum matched
+  (atomic publish); until then its number is only reserved in `pending`.
+* Retention keeps the newest `retain_versions`; a retired version leaves the catalog at once
+  but its bytes stay until the last reader (stream or lease) lets go.
+* An upload or lease not finished within its TTL is reclaimed by `reap` (crashed clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import ctypes
+import dataclasses
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import xxhash
+
+from forgerpc.services.common.errors import ServiceError, not_found
+from forgerpc.services.weight_store.backends import Backend, Blob
+from forgerpc.services.weight_store.config import WeightStoreConfig
+from forgerpc.v1 import common_pb2
+
+CHECKSUM_ALGORITHM = "xxh3_64"
+
+
+def checksum_error(spec: common_pb2.TensorSpec, got: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.DATA_LOSS, "CHECKSUM_MISMATCH",
+        f"tensor '{spec.name}': xxh3_64 of its bytes is {got:#x}, manifest says {spec.checksum:#x}; "
+        "the version was not published",
+        tensor=spec.name,
+    )
+
+
+class StreamVerifier:
+    """Checks per-tensor checksums while bytes arrive in buffer order, in arbitrary chunks.
+
+    feed(pos, data) hashes the part of `data` (bytes [pos, pos+len)) inside each tensor and
+    compares a tensor's digest as soon as its last byte arrived, so a bad tensor fails the Put early.
+    """
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+        self.i = 0
+        self.hasher = xxhash.xxh3_64()
+
+    def feed(self, pos: int, data: memoryview) -> None:
+        end = pos + len(data)
+        while self.i < len(self.tensors):
+            t = self.tensors[self.i]
+            lo, hi = max(pos, t.offset), min(end, t.offset + t.byte_size)
+            if lo < hi:
+                self.hasher.update(data[lo - pos:hi - pos])
+            if t.offset + t.byte_size > end:
+                return
+            if self.hasher.intdigest() != t.checksum:
+                raise checksum_error(t, self.hasher.intdigest())
+            self.hasher.reset()
+            self.i += 1
+
+
+def address_of(view: memoryview) -> int:
+    """Address of a writable buffer's first byte (the buffer must outlive its use)."""
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor  # drops the buffer export at once, so the mmap can be closed later
+
+
+class Receiver:
+    """Writes a Put's chunks into a blob and checks checksums, off the event loop.
+
+    One worker thread, one chunk in flight: the loop parses chunk k+1 while the worker copies
+    and hashes chunk k (ctypes.memmove and xxhash both release the GIL), in order.
+    """
+
+    def __init__(self, blob: Blob, manifest: common_pb2.TensorManifest, pool: ThreadPoolExecutor):
+        self.blob, self.pool = blob, pool
+        self.address = address_of(blob.view)
+        self.verifier = StreamVerifier(manifest.tensors)
+        self.future: concurrent.futures.Future | None = None
+
+    def _absorb(self, pos: int, data: bytes) -> None:
+        ctypes.memmove(self.address + pos, data, len(data))
+        self.verifier.feed(pos, self.blob.view[pos:pos + len(data)])  # cache-hot bytes
+
+    async def write(self, pos: int, data: bytes) -> None:
+        await self.drain()
+        self.future = self.pool.submit(self._absorb, pos, data)
+
+    async def drain(self) -> None:
+        """Waits for the chunk in flight; raises its checksum error, if any."""
+        if self.future is not None:
+            await asyncio.wrap_future(self.future)
+            self.future = None
+
+    def settle(self) -> None:
+        """Blocks until no worker writes into the blob (at most one chunk's copy): called before
+        the blob can be freed, also when the Put was cancelled mid-write."""
+        if self.future is not None:
+            concurrent.futures.wait([self.future])
+
+
+@dataclasses.dataclass(eq=False)
+class Version:
+    meta: common_pb2.WeightVersion
+    manifest: common_pb2.TensorManifest
+    blob: Blob
+    readers: int = 0
+    retired: bool = False
+
+    def __post_init__(self):
+        self.by_name = {t.name: t for t in self.manifest.tensors}
+
+
+@dataclasses.dataclass(eq=False)
+class Upload:
+    id: str
+    blob: Blob
+    expires: float
+
+
+@dataclasses.dataclass(eq=False)
+class Lease:
+    id: str
+    version: Version
+    expires: float
+
+
+class Catalog:
+    def __init__(self, cfg: WeightStoreConfig, backend: Backend):
+        self.cfg = cfg
+        self.backend = backend
+        self.versions: dict[int, Version] = {}
+        self.pending: set[int] = set()
+        self.reaper: asyncio.Task | None = None  # started by the server (see server.create)
+        self.uploads: dict[str, Upload] = {}
+        self.leases: dict[str, Lease] = {}
+        # Publish log for watchers: (sequence number, version), bounded.
+        self.events: collections.deque[tuple[int, common_pb2.WeightVersion]] = collections.deque(maxlen=1024)
+        self.seq = 0
+        self.changed = asyncio.Condition()
+        self.pool = ThreadPoolExecutor(cfg.verify_threads, thread_name_prefix="verify")
+        self.receive_pool = ThreadPoolExecutor(1, thread_name_prefix="receive")  # ordered chunk writes
+
+    # -- publishing ---------------------------------------------------------------------------
+    def reserve(self, number: int) -> None:
+        if number in self.versions or number in self.pending:
+            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, "VERSION_EXISTS",
+                               f"version {number} exists or is being uploaded; publish a new number",
+                               version=str(number))
+        self.pending.add(number)
+
+    def unreserve(self, number: int) -> None:
+        self.pending.discard(number)
+
+    async def verify(self, view: memoryview, manifest: common_pb2.TensorManifest) -> None:
+        """Checks every tensor's xxh3_64 in `verify_threads` threads (xxhash releases the GIL)."""
+        parts: list[list] = [[] for _ in range(self.cfg.verify_threads)]
+        loads = [0] * len(parts)
+        for t in sorted(manifest.tensors, key=lambda t: -t.byte_size):  # greedy balance by bytes
+            i = loads.index(min(loads))
+            parts[i].append(t)
+            loads[i] += t.byte_size
+
+        def check(tensors) -> None:
+            for t in tensors:
+                got = xxhash.xxh3_64_intdigest(view[t.offset:t.offset + t.byte_size])
+                if got != t.checksum:
+                    raise checksum_error(t, got)
+
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self.pool, check, p) for p in parts if p))
+
+    async def publish(self, meta: common_pb2.WeightVersion, manifest: common_pb2.TensorManifest,
+                      blob: Blob) -> Version:
+        """Makes a verified, reserved version visible, tells watchers, applies retention."""
+        blob = await self.backend.seal(str(meta.version), blob)
+        meta.created_unix_ms = int(time.time() * 1000)
+        version = Version(meta, manifest, blob)
+        self.versions[meta.version] = version
+        self.pending.discard(meta.version)
+        self.seq += 1
+        self.events.append((self.seq, meta))
+        for old in sorted(self.versions)[:-self.cfg.retain_versions]:
+            self.retire(self.versions[old])
+        async with self.changed:
+            self.changed.notify_all()
+        return version
+
+    # -- reading ------------------------------------------------------------------------------
+    def latest(self) -> Version | None:
+        return self.versions[max(self.versions)] if self.versions else None
+
+    def find(self, number: int, latest: bool = False) -> Version:
+        version = self.latest() if latest else self.versions.get(number)
+        if version is None:
+            what = "the store holds no version yet" if latest else f"version {number} is not stored"
+            have = ", ".join(map(str, sorted(self.versions))) or "none"
+            raise not_found("version", f"{what} (stored: {have})")
+        return version
+
+    def acquire(self, version: Version) -> Version:
+        version.readers += 1
+        return version
+
+    def release(self, version: Version) -> None:
+        version.readers -= 1
+        if version.readers == 0 and version.retired:
+            version.blob.free()
+
+    def retire(self, version: Version) -> None:
+        """Removes from the catalog now; frees the bytes once no reader holds them."""
+        self.versions.pop(version.meta.version, None)
+        version.retired = True
+        if version.readers == 0:
+            version.blob.free()
+
+    # -- shared-memory uploads and leases -------------------------------------------------------
+    def allocate_upload(self, size: int) -> Upload:
+        blob = self.backend.allocate(size, "upload")
+        upload = Upload(secrets.token_hex(12), blob, time.monotonic() + self.cfg.upload_ttl_seconds)
+        self.uploads[upload.id] = upload
+        return upload
+
+    def take_upload(self, upload_id: str) -> Blob:
+        """Removes the upload from the table (so the reaper leaves it alone) and returns its blob."""
+        upload = self.uploads.pop(upload_id, None)
+        if upload is None:
+            raise not_found("upload", f"upload '{upload_id}' is unknown, used already or expired; "
+                                      "call AllocateUpload again")
+        return upload.blob
+
+    def lease(self, version: Version) -> Lease:
+        lease = Lease(secrets.token_hex(12), self.acquire(version), time.monotonic() + self.cfg.lease_ttl_seconds)
+        self.leases[lease.id] = lease
+        return lease
+
+    def release_lease(self, lease_id: str) -> bool:
+        lease = self.leases.pop(lease_id, None)
+        if lease is not None:
+            self.release(lease.version)
+        return lease is not None
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        for upload in [u for u in self.uploads.values() if u.expires < now]:
+            self.uploads.pop(upload.id).blob.free()
+        for lease in [l for l in self.leases.values() if l.expires < now]:
+            self.release_lease(lease.id)
+
+    async def close(self) -> None:
+        for lease_id in list(self.leases):
+            self.release_lease(lease_id)
+        for upload in self.uploads.values():
+            upload.blob.free()
+        self.uploads.clear()
+        for version in list(self.versions.values()):
+            self.retire(version)
+        await self.backend.close()
+        self.pool.shutdown(wait=False)
+        self.receive_pool.shutdown(wait=False)

@@ -1,0 +1,152 @@
+"""The torch backend in-process on a tiny Llama: accumulation, skipping bad steps, schedule, TIS, KL,
+checkpoints that resume bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from forgerpc.services.common.models import load_model, make_tiny_model
+from forgerpc.services.trainer import checkpoint
+from forgerpc.services.trainer.backends.torch_backend import Sample, TorchBackend, lr_lambda
+from forgerpc.services.trainer.config import TrainerConfig
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32, num_layers=2)
+
+
+def backend(model_dir, **overrides) -> TorchBackend:
+    cfg = TrainerConfig(model_path=str(model_dir), **{"optim": {"lr": 1e-3}, **overrides})
+    model, tok = load_model(model_dir)
+    return TorchBackend(cfg, model, tok)
+
+
+def episodes(n=8, seed=0, version=0, advantage=True) -> list[Sample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(4, 90, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(4, 90, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+        lp = (-4.6 + 0.3 * torch.randn(len(r), generator=g)).tolist()
+        out.append(Sample(prompt=p, response=r, generator_logprobs=lp, mask=[1] * len(r), reward=float(i % 2),
+                          advantage=(float(torch.randn(1, generator=g)) if advantage else None),
+                          group_id=str(i // 4), policy_version=version))
+    return out
+
+
+def weights(b: TorchBackend) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in b.model.state_dict().items()}
+
+
+def test_gradient_accumulation_equals_one_batch(model_dir):
+    """Micro-batches of 3 give the same loss and update as one batch of 8 (up to padding round-off)."""
+    results, finals = [], []
+    for mb in (8, 3):
+        b = backend(model_dir, micro_batch_size=mb, loss={"kind": "dapo"})
+        results.append(b.train_step(episodes()))
+        finals.append(weights(b))
+    one, acc = results
+    assert one.tokens == acc.tokens > 0
+    assert acc.loss == pytest.approx(one.loss, abs=1e-5)
+    assert acc.grad_norm == pytest.approx(one.grad_norm, rel=1e-4)
+    for k in finals[0]:
+        assert torch.allclose(finals[0][k], finals[1][k], atol=1e-6), k
+
+
+def test_ratio_uses_generator_logprobs(model_dir):
+    """Generator logprobs far from the model's make ratios leave the clip range: clip_fraction > 0."""
+    r = backend(model_dir).train_step(episodes())
+    assert 0 < r.clip_fraction <= 1 and r.entropy > 0 and math.isfinite(r.loss)
+    assert r.step == 1 and r.learning_rate == pytest.approx(1e-3)
+
+
+def test_non_finite_loss_skips_step_and_keeps_weights(model_dir):
+    b = backend(model_dir)
+    before = weights(b)
+    batch = episodes()
+    batch[3].advantage = 3e38  # finite input, but clip(r)*A overflows to inf
+    r = b.train_step(batch)
+    assert r.skipped and "non-finite" in r.skip_reason and r.step == 0
+    assert all(torch.equal(before[k], v) for k, v in weights(b).items())
+    assert not b.optimizer.state  # AdamW moments untouched
+    assert not b.train_step(episodes()).skipped  # the next good batch trains normally
+
+
+def test_warmup_then_cosine():
+    f = lr_lambda(warmup=2, total=12, min_ratio=0.1)
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0) and f(7) == pytest.approx(0.55) and f(12) == pytest.approx(0.1)
+    assert f(100) == pytest.approx(0.1)
+
+
+def test_group_advantages_when_missing(model_dir):
+    """Without advantages each group of 4 is centered: rewards 0,1,0,1 -> +-1/std."""
+    b = backend(model_dir)
+    adv = b._advantages(episodes(advantage=False))
+    assert adv[:4].sum().abs() < 1e-5 and adv[0] < 0 < adv[1]
+
+
+def test_stale_episodes_use_tis(model_dir):
+    """Stale episodes (policy_version behind the trainer's) get a proximal ratio (never clipped) + TIS."""
+    b = backend(model_dir)
+    b.policy_version = 5
+    stale = b.train_step(episodes(version=1))
+    assert stale.clip_fraction == 0.0
+    fresh = backend(model_dir, loss={"tis": "off"})
+    fresh.policy_version = 5
+    assert fresh.train_step(episodes(version=1)).clip_fraction > 0
+
+
+def test_kl_to_reference(model_dir):
+    b = backend(model_dir, loss={"beta": 0.1})
+    assert b.train_step(episodes()).kl == pytest.approx(0.0, abs=1e-7)  # policy == reference at step 0
+    assert b.train_step(episodes()).kl > 0
+
+
+def test_sft_loss_decreases(model_dir):
+    b = backend(model_dir, objective="sft")
+    batch = episodes(4)
+    losses = [b.train_step(batch, "sft").loss for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_activation_checkpointing_same_step(model_dir):
+    plain = backend(model_dir).train_step(episodes())
+    ckpt = backend(model_dir, activation_checkpointing=True).train_step(episodes())
+    assert ckpt.loss == pytest.approx(plain.loss, abs=1e-6)
+    assert ckpt.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+
+
+def test_checkpoint_resume_is_bit_identical(model_dir, tmp_path):
+    a = backend(model_dir, loss={"beta": 0.05})
+    for s in range(2):
+        a.train_step(episodes(seed=s))
+    a.policy_version, a.data_position = 3, "offset=16"
+    path = a.save_checkpoint(tmp_path, keep=2)
+    torch.rand(3)  # RNG moves on after the save; the restored state must not see this
+    a.train_step(episodes(seed=2))
+    b = backend(model_dir, loss={"beta": 0.05})
+    meta = b.load_checkpoint(path)
+    assert (b.step, b.policy_version, meta["data_position"]) == (2, 3, "offset=16")
+    b.train_step(episodes(seed=2))
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(wa["model.norm.weight"], weights(backend(model_dir))["model.norm.weight"])
+
+
+def test_checkpoints_keep_last_k_and_leave_no_temporaries(model_dir, tmp_path):
+    b = backend(model_dir)
+    for _ in range(4):
+        b.train_step(episodes())
+        b.save_checkpoint(tmp_path, keep=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["step-00000003", "step-00000004"]
+    assert checkpoint.latest(tmp_path).name == "step-00000004"
+    b.save_checkpoint(tmp_path, keep=2)  # same step again: replaced in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    with pytest.raises(FileNotFoundError):
+        checkpoint.load(tmp_path / "nope", b.model, b.optimizer, b.scheduler)

@@ -1,0 +1,197 @@
+"""Weight store faults: broken streams, crashed clients, expired leases, store stop and crash.
+
+Every store here runs with spare_segments=0 (freed segments are unlinked, not pooled) and its
+own segment prefix, so the set of files in /dev/shm shows exactly what the store holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import torch
+from conftest import ServiceProcess
+
+from forgerpc.clients import ForgeRPCError, WeightStoreClient
+from forgerpc.clients.weights import _plan, host_id, publish
+from forgerpc.services.weight_store.backends.shm import reclaim_orphans
+from forgerpc.v1 import weight_store_pb2 as pb
+
+
+def segments(prefix: str) -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix + ".")}
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def store_process():
+    started, prefixes = [], set()
+
+    def start(prefix: str, *extra: str) -> ServiceProcess:
+        p = ServiceProcess("weight_store", "spare_segments=0", f"shm_prefix={prefix}", "upload_ttl_seconds=1",
+                           "lease_ttl_seconds=1", *extra)
+        started.append(p)
+        prefixes.add(prefix)
+        return p
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.terminate()  # SIGTERM: the store frees its segments
+    for prefix in prefixes:  # what a store killed on purpose left behind
+        reclaim_orphans(prefix)
+
+
+def sd(n: int = 50_000) -> dict[str, torch.Tensor]:
+    return {"w": torch.arange(n, dtype=torch.float32), "b": torch.ones(10)}
+
+
+async def test_broken_put_stream_leaves_nothing_visible_and_nothing_leaked(store_process):
+    prefix = f"wsfault-broken-{os.getpid()}"
+    store = store_process(prefix)
+    async with WeightStoreClient(store.address) as client:
+        await publish(client, sd(), 1, transport="grpc")
+        held = segments(prefix)
+        assert len(held) == 1  # version 1
+        _, manifest = _plan(sd(), None, None)
+        sent = asyncio.Event()
+
+        async def messages():
+            yield pb.PutWeightsRequest(header=pb.PutWeightsHeader(version=2, manifest=manifest))
+            yield pb.PutWeightsRequest(data=bytes(1000))
+            sent.set()
+            await asyncio.sleep(60)  # the "trainer" hangs; the caller cancels the call
+
+        put = asyncio.create_task(client.put_weights(messages()))
+        await sent.wait()
+        await asyncio.sleep(0.3)
+        assert len(segments(prefix)) == 2  # the half-received version's buffer exists...
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+        assert wait_until(lambda: segments(prefix) == held)  # ...and is gone after the break
+        assert [v.version for v in (await client.list_versions()).versions] == [1]
+        # Short and long streams are refused and leave nothing either.
+        header = pb.PutWeightsRequest(header=pb.PutWeightsHeader(version=2, manifest=manifest))
+        for data, problem in [(bytes(100), "stream ended after 100"), (bytes(manifest.total_bytes + 1), "more bytes")]:
+            with pytest.raises(ForgeRPCError) as e:
+                await client.put_weights([header, pb.PutWeightsRequest(data=data)])
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and problem in e.value.message
+            assert segments(prefix) == held
+        await publish(client, sd(), 2, transport="grpc")  # the number is free again
+
+
+async def test_upload_of_a_crashed_client_is_reclaimed(store_process):
+    prefix = f"wsfault-crash-{os.getpid()}"
+    store = store_process(prefix)
+    script = (
+        "import asyncio, mmap, os, sys\n"
+        "from forgerpc.clients import WeightStoreClient\n"
+        "async def main():\n"
+        "    c = WeightStoreClient(sys.argv[1])\n"
+        "    u = await c.allocate_upload(total_bytes=1 << 20)\n"
+        "    with open('/dev/shm/' + u.segment_name, 'r+b') as f, mmap.mmap(f.fileno(), 0) as mm:\n"
+        "        mm[:1000] = b'x' * 1000\n"
+        "        print(u.segment_name, flush=True)\n"
+        "        await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    client = subprocess.Popen([sys.executable, "-c", script, store.address], stdout=subprocess.PIPE, text=True)
+    try:
+        name = client.stdout.readline().strip()
+        assert name in segments(prefix)
+        client.send_signal(signal.SIGKILL)  # dies between AllocateUpload and PutWeights
+        client.wait(10)
+    finally:
+        client.kill()
+    assert wait_until(lambda: name not in segments(prefix))  # upload_ttl_seconds=1
+    async with WeightStoreClient(store.address) as c:
+        assert (await c.list_versions()).versions == []
+        e = pb.PutWeightsHeader(version=1, manifest=_plan(sd(), None, None)[1], upload_id="nope")
+        with pytest.raises(ForgeRPCError) as err:
+            await c.put_weights([pb.PutWeightsRequest(header=e)])
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_unreleased_lease_expires_and_frees_a_retired_version(store_process):
+    prefix = f"wsfault-lease-{os.getpid()}"
+    store = store_process(prefix)
+    async with WeightStoreClient(store.address) as c:
+        await publish(c, sd(), 1, transport="shm")
+        stream = c.get_weights(version=1, transport=pb.TRANSPORT_SHARED_MEMORY, client_host_id=host_id())
+        header = (await anext(stream)).header
+        assert header.lease_id and header.segment_name in segments(prefix)
+        assert (await c.delete_version(version=1)).deleted is True
+        assert header.segment_name in segments(prefix)  # the lease holds it
+        assert wait_until(lambda: header.segment_name not in segments(prefix))  # lease_ttl_seconds=1
+        assert (await c.release_lease(lease_id=header.lease_id)).released is False
+        with pytest.raises(ForgeRPCError) as e:  # explicit shm from "another host"
+            await anext(c.get_weights(version=1, transport=pb.TRANSPORT_SHARED_MEMORY, client_host_id="elsewhere"))
+        assert e.value.code == grpc.StatusCode.NOT_FOUND  # deleted first; unknown beats unreachable
+
+
+async def test_shm_to_another_host_is_refused_and_auto_falls_back(store_process):
+    prefix = f"wsfault-host-{os.getpid()}"
+    store = store_process(prefix)
+    async with WeightStoreClient(store.address) as c:
+        await publish(c, sd(), 1)
+        with pytest.raises(ForgeRPCError) as e:
+            await anext(c.get_weights(version=1, transport=pb.TRANSPORT_SHARED_MEMORY, client_host_id="elsewhere"))
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        header = (await anext(c.get_weights(version=1, client_host_id="elsewhere"))).header
+        assert header.transport == pb.TRANSPORT_GRPC and not header.lease_id
+
+
+async def test_stop_removes_segments_and_a_new_store_reclaims_a_crashed_ones(store_process):
+    prefix = f"wsfault-stop-{os.getpid()}"
+    store = store_process(prefix)
+    async with WeightStoreClient(store.address) as c:
+        await publish(c, sd(), 1, transport="shm")
+        await c.allocate_upload(total_bytes=4096)
+    assert len(segments(prefix)) == 2
+    store.terminate()  # SIGTERM: drain, then free everything
+    assert segments(prefix) == set()
+
+    crashed = store_process(prefix)
+    async with WeightStoreClient(crashed.address) as c:
+        await publish(c, sd(), 1, transport="grpc")
+    orphans = segments(prefix)
+    assert len(orphans) == 1
+    crashed.proc.send_signal(signal.SIGKILL)
+    crashed.proc.wait(10)
+    assert segments(prefix) == orphans  # nobody cleaned up
+    bystander = f"{prefix}.{os.getpid()}.put-live"  # a segment of a live process: left alone
+    open(f"/dev/shm/{bystander}", "wb").close()
+    try:
+        store_process(prefix)
+        assert segments(prefix) == {bystander}
+    finally:
+        os.unlink(f"/dev/shm/{bystander}")
+
+
+async def test_a_reader_that_hangs_up_mid_stream_releases_its_version(store_process):
+    prefix = f"wsfault-hangup-{os.getpid()}"
+    store = store_process(prefix)
+    async with WeightStoreClient(store.address) as c:
+        await publish(c, sd(), 1, transport="grpc")
+        (segment,) = segments(prefix)
+        call = c.get_weights(version=1, transport=pb.TRANSPORT_GRPC, chunk_bytes=4096)
+        await anext(call)  # header
+        await anext(call)  # first chunk; then the reader goes away
+        await call.aclose()
+        assert (await c.delete_version(version=1)).deleted is True
+        assert wait_until(lambda: segment not in segments(prefix))  # no reader holds it any more

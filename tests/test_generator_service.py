@@ -196,3 +196,23 @@ def test_config_rules():
         load_config(GeneratorConfig, overrides=["model_path=/m", "tiny_model=true"])
     with pytest.raises(ConfigError, match="max_n"):
         load_config(GeneratorConfig, overrides=["max_batch_size=4", "max_n=8"])
+
+
+async def test_tokenize_matches_what_generate_sees(server, hf):
+    _, tokenizer = hf
+    chat = [ChatMessage(role="user", content="hi there")]
+    async with GeneratorClient(server.address, retry=NO_RETRY) as gen:
+        out = await gen.tokenize(prompts=[Prompt(text="abc"), Prompt(messages=chat), Prompt(token_ids=[5, 6])],
+                                 texts=["a target\n", ""])
+        done = await gen.generate(prompts=[Prompt(messages=chat)], sampling_params=SamplingParams(max_tokens=2))
+        with pytest.raises(ForgeRPCError) as err:
+            await gen.tokenize(prompts=[Prompt(token_ids=[1, 10_000])])
+    assert [list(p.token_ids) for p in out.prompts] == [
+        tokenizer.encode("abc"),
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi there"}], add_generation_prompt=True,
+                                      tokenize=True)["input_ids"],
+        [5, 6]]
+    assert list(out.prompts[1].token_ids) == list(done.completions[0].prompt_token_ids)
+    assert [list(t.token_ids) for t in out.texts] == [tokenizer.encode("a target\n", add_special_tokens=False), []]
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details["field"] == "prompts[0].token_ids[1]"

@@ -2,6 +2,7 @@
 
     Generate       prompts (text | token ids | chat messages) x SamplingParams -> completions
     UpdateWeights  pause admission, drain (or abort) running sequences, swap weights, resume
+    Tokenize       prompt ids exactly as Generate sees them; plain texts without special tokens
     GetModelInfo   model, version, context window, load, engine step counter
 
 Every field a caller can get wrong is checked here, so a backend only sees valid input and the
@@ -115,6 +116,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             request.version, request.local_path, request.weight_store_address, abort)
         return generator_pb2.UpdateWeightsResponse(version=self.backend.version, seconds=seconds,
                                                    aborted_requests=aborted)
+
+    async def Tokenize(self, request: generator_pb2.TokenizeRequest, context) -> generator_pb2.TokenizeResponse:
+        require(len(request.prompts) + len(request.texts) > 0, "prompts", "set at least one prompt or text")
+        prompts = [self._prompt_ids(i, p) for i, p in enumerate(request.prompts)]
+        texts = [self.backend.encode(t, add_special_tokens=False) if t else [] for t in request.texts]
+        return generator_pb2.TokenizeResponse(prompts=[generator_pb2.TokenIds(token_ids=ids) for ids in prompts],
+                                              texts=[generator_pb2.TokenIds(token_ids=ids) for ids in texts])
 
     async def GetModelInfo(self, request, context) -> generator_pb2.GetModelInfoResponse:
         info, stats = self.backend.info, self.backend.stats()

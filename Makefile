@@ -42,7 +42,7 @@ redis: sysdeps
 	@bash deploy/local/ensure-redis.sh "$(REDIS_URL)"
 
 run: install sysdeps
-	$(BIN)/forgerpc run configs/stack_local.yaml
+	$(BIN)/forgerpc run configs/grpo_tiny.yaml
 
 test: dev redis
 	$(BIN)/python -m pytest -ra tests

@@ -88,6 +88,7 @@ class SFTConfig(Config):
     steps: int = Field(default=0, ge=0)  # 0 = no SFT (warm start skipped)
     batch_size: int = Field(default=64, ge=1)
     eval_every: int = Field(default=50, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)  # SFT's own rate; the RL schedule is untouched
 
 
 class ModelConfig(Config):

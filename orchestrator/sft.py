@@ -52,8 +52,8 @@ class SFT:
             with self.metrics.phase("sft_batch"):
                 episodes = await self.batch(eos)
             with self.metrics.phase("train"):
-                result = await self.s.trainer.train_step.call_one(episodes=episodes,
-                                                                  objective=trainer_pb2.OBJECTIVE_SFT)
+                result = await self.s.trainer.train_step.call_one(
+                    episodes=episodes, objective=trainer_pb2.OBJECTIVE_SFT, learning_rate=self.cfg.learning_rate)
             row = {"phase": "sft", "step": step, "loss": result.loss, "time": time.time()}
             if step % self.cfg.eval_every == 0 or step == self.cfg.steps:
                 self.version += 1

@@ -150,3 +150,18 @@ def test_checkpoints_keep_last_k_and_leave_no_temporaries(model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == names
     with pytest.raises(FileNotFoundError):
         checkpoint.load(tmp_path / "nope", b.model, b.optimizer, b.scheduler)
+
+
+def test_learning_rate_override_moves_weights_but_not_the_schedule(model_dir):
+    """An explicit per-step rate (SFT warm start) is used for that step only; the RL schedule's
+    warmup is untouched afterwards."""
+    b = backend(model_dir, optim={"lr": 1e-3, "warmup_steps": 10, "total_steps": 100})
+    before = b.scheduler.get_last_lr()[0]
+    w0 = weights(b)
+    r = b.train_step(episodes(), "sft", learning_rate=5e-2)
+    assert r.learning_rate == 5e-2 and b.step == 1
+    assert b.scheduler.get_last_lr()[0] == before  # schedule did not advance
+    assert all(g["lr"] == before for g in b.optimizer.param_groups)
+    assert any(not torch.equal(w0[k], v) for k, v in weights(b).items())
+    r = b.train_step(episodes(seed=1))
+    assert r.learning_rate == before and b.scheduler.get_last_lr()[0] > before  # warmup goes on from step 0

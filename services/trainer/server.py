@@ -102,8 +102,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             request.objective, self.cfg.objective)
         b = self.backend
         samples = to_samples(request, b.vocab_size, b.max_positions, self.cfg.max_batch_episodes, objective == "sft")
+        require(math.isfinite(request.learning_rate) and request.learning_rate >= 0, "learning_rate",
+                f"must be a finite number >= 0 (0 = the schedule), got {request.learning_rate}")
         async with self.lock:
-            r = await asyncio.to_thread(b.train_step, samples, objective)
+            r = await asyncio.to_thread(b.train_step, samples, objective, request.learning_rate)
         if r.skipped:
             log.warning("trainer: step skipped: %s", r.skip_reason)
         return trainer_pb2.TrainStepResponse(

@@ -18,14 +18,16 @@ OBJECTIVE_POLICY_GRADIENT: Objective
 OBJECTIVE_SFT: Objective
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("episodes", "batch_id", "objective")
+    __slots__ = ("episodes", "batch_id", "objective", "learning_rate")
     EPISODES_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     episodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Episode]
     batch_id: str
     objective: Objective
-    def __init__(self, episodes: _Optional[_Iterable[_Union[_common_pb2.Episode, _Mapping]]] = ..., batch_id: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ...) -> None: ...
+    learning_rate: float
+    def __init__(self, episodes: _Optional[_Iterable[_Union[_common_pb2.Episode, _Mapping]]] = ..., batch_id: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., learning_rate: _Optional[float] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
     __slots__ = ("step", "loss", "grad_norm", "learning_rate", "tokens", "kl", "clip_fraction", "entropy", "step_seconds", "skipped", "skip_reason")

@@ -122,14 +122,18 @@ class TorchBackend:
         fully_shard(self.model)
 
     # ---- one step -------------------------------------------------------------------------------
-    def train_step(self, samples: list[Sample], objective: str = "policy_gradient") -> StepResult:
+    def train_step(self, samples: list[Sample], objective: str = "policy_gradient",
+                   learning_rate: float = 0.0) -> StepResult:
+        """One optimizer step. `learning_rate` > 0 overrides the schedule for this step only and
+        leaves the schedule where it was (an SFT warm start must not eat the RL warmup)."""
         start = time.perf_counter()
         advantages = self._advantages(samples)
         mine = list(range(self.rank, len(samples), self.world))
         n_tokens = sum(sum(s.mask) for s in samples)
         counts = dict(num_sequences=len(samples), num_tokens=max(n_tokens, 1),
                       max_tokens=self.cfg.loss.max_tokens or max(len(s.response) for s in samples))
-        lr = self.scheduler.get_last_lr()[0]
+        scheduled = self.scheduler.get_last_lr()[0]
+        lr = learning_rate or scheduled
         self.optimizer.zero_grad(set_to_none=True)
         totals = torch.zeros(5, device=self.device)  # loss, kl_sum, clipped, tokens, entropy_sum; read once
         mb = self.cfg.micro_batch_size
@@ -157,8 +161,15 @@ class TorchBackend:
         if reason:
             self.optimizer.zero_grad(set_to_none=True)  # weights, optimizer and schedule stay untouched
         else:
-            self.optimizer.step()
-            self.scheduler.step()
+            if learning_rate:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate
+                self.optimizer.step()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = scheduled
+            else:
+                self.optimizer.step()
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
         t = max(tokens, 1.0)

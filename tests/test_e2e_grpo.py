@@ -1,0 +1,77 @@
+"""The whole loop through real processes and a real (private) Redis: SFT warm start, GRPO steps,
+weight publishing; curves recorded, version advanced, nothing left behind. Plus the swap test:
+a separately started reward implementation, given by address only, is the one the run uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from conftest import ROOT
+
+SHORT = ["sft.steps=20", "sft.eval_every=10", "sft.batch_size=16", "grpo.steps=4", "grpo.eval_every=2",
+         "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.eval_size=16", "task.eval_size=16",
+         "grpo.rollout_workers=2", "model.hidden_size=32", "model.layers=2"]
+
+
+def _ours() -> set[int]:
+    found = set()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "forgerpc.services" in cmd or ("redis-server" in cmd and "forgerpc-redis" in cmd):
+            found.add(p.pid)
+    return found
+
+
+def _run(run_dir, *overrides):
+    return subprocess.run([sys.executable, "-m", "forgerpc.orchestrator", "run", str(ROOT / "configs/grpo_tiny.yaml"),
+                           f"run_dir={run_dir}", *SHORT, *overrides], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_grpo_run_end_to_end(tmp_path):
+    before = _ours()
+    out = _run(tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    sft = [r for r in rows if r.get("phase") == "sft"]
+    grpo = [r for r in rows if r.get("phase") == "grpo"]
+    assert [r["step"] for r in sft] == list(range(21)), "one row per SFT step (and step 0)"
+    assert sum("eval_accuracy" in r for r in sft) == 3  # steps 0, 10, 20
+    assert sft[-1]["loss"] < sft[1]["loss"], "SFT loss went down"
+    steps = [r for r in grpo if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all("reward_mean" in r and "loss" in r for r in steps)
+    assert sum("eval_accuracy" in r for r in grpo) >= 3
+    # SFT published twice (steps 10 and 20); GRPO publishes after every step.
+    assert steps[0]["version"] == 2 and steps[-1]["version"] == 5
+    assert all(r["staleness"] == 0 for r in steps), "max_staleness 0 must train on-policy"
+    for name in ("reward.png", "eval_accuracy.png", "loss.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    # Each row is logged before its step's publish: the run ends having published v6.
+    published = sorted(p.name for p in (tmp_path / "published").iterdir())
+    assert published[-1] == "v00000006", published
+    assert any((tmp_path / "traces").glob("*.jsonl")), "spans were exported"
+    assert _ours() - before == set(), "service or Redis processes left behind"
+
+
+@pytest.mark.slow
+def test_swap_reward_service_by_address(tmp_path):
+    calls = tmp_path / "calls"
+    minimal = subprocess.Popen([sys.executable, str(ROOT / "tests/minimal_reward.py"), str(calls)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(minimal.stdout.readline().split()[1])
+        out = _run(tmp_path / "run", f"services.reward.address=127.0.0.1:{port}", "services.reward.config={}",
+                   "sft.steps=0", "grpo.steps=2")
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "127.0.0.1:%d" % port in out.stdout
+        assert int(calls.read_text()) >= 3, "the run did not use the swapped-in reward service"
+        assert not (tmp_path / "run" / "logs" / "reward-0.log").exists(), "a reward service was started anyway"
+    finally:
+        minimal.terminate()
+        minimal.wait(10)

@@ -89,6 +89,12 @@ class SFTConfig(Config):
     batch_size: int = Field(default=64, ge=1)
     eval_every: int = Field(default=50, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)  # SFT's own rate; the RL schedule is untouched
+    # Per-step SFT rate (orchestrator/sft.py `sft_lr`): linear warmup over `warmup_steps`, then
+    # constant, or cosine/linear decay to learning_rate * min_lr_ratio at the last step.
+    # The floor stays > 0: a rate of 0 on the wire means "the trainer's own (RL) schedule".
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.1, gt=0, le=1)
 
 
 class ModelConfig(Config):

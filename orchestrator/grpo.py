@@ -52,6 +52,7 @@ class GRPO:
         self.metrics = Metrics(run_dir)
         self.version = 0
         self.started = time.time()
+        self._dropped_seen = 0
         self.stop = asyncio.Event()
         self.groups_in_flight = asyncio.Semaphore(settings.prompts_per_step * (settings.max_staleness + 1))
 
@@ -105,6 +106,8 @@ class GRPO:
                 batch = await self.s.buffer.sample.call_one(batch_size=batch_size, whole_groups=True,
                                                             current_policy_version=self.version, wait_seconds=60)
             if not batch.episodes:
+                for _ in range(await self.dropped_groups()):
+                    self.groups_in_flight.release()
                 continue
             with self.metrics.phase("train"):
                 result = await self.s.trainer.train_step.call_one(episodes=batch.episodes)
@@ -118,12 +121,20 @@ class GRPO:
             if step % self.cfg.publish_every == 0:
                 await publish(self.s, self.metrics, self.version + 1)
                 self.version += 1
-            for _ in range(len({e.group_id for e in batch.episodes})):
+            for _ in range(len({e.group_id for e in batch.episodes}) + await self.dropped_groups()):
                 self.groups_in_flight.release()  # after publishing: new rollouts use the new weights
             if step % self.cfg.eval_every == 0 or step == self.cfg.steps:
                 row["eval_accuracy"] = await self.evaluate()
             self.metrics.write(row)
             log.info("step %d %s", step, row)
+
+    async def dropped_groups(self) -> int:
+        """Groups the buffer filtered (all rewards equal) or evicted as stale since the last call:
+        they will never be trained on, so their rollout permits come back here."""
+        stats = await self.s.buffer.get_stats.call_one()
+        dropped = stats.filtered_groups_total + stats.evicted_stale_total // self.cfg.group_size
+        new, self._dropped_seen = dropped - self._dropped_seen, dropped
+        return max(new, 0)
 
     async def evaluate(self) -> float:
         return await evaluate(self.s, self.metrics, self.task.eval_set[: self.cfg.eval_size],
@@ -131,6 +142,7 @@ class GRPO:
 
     async def run(self, start_version: int = 0) -> dict:
         self.version = start_version  # e.g. after an SFT warm start
+        await self.dropped_groups()  # the buffer's counters may predate this run (shared Redis)
         workers = [asyncio.create_task(self.rollout_worker(i)) for i in range(self.cfg.rollout_workers)]
         try:
             baseline = await self.evaluate()

@@ -23,7 +23,7 @@ tracer = trace.get_tracer("forgerpc.orchestrator")
 class Services:
     generator: ReplicaGroup
     reward: ReplicaGroup
-    buffer: ReplicaGroup
+    buffer: ReplicaGroup | None  # SFT needs no replay buffer
     trainer: ReplicaGroup
 
     @classmethod
@@ -31,13 +31,15 @@ class Services:
         return cls(
             generator=ReplicaGroup(GeneratorClient, addresses["generator"], strategy="least_loaded", settings=settings),
             reward=ReplicaGroup(RewardClient, addresses["reward"], settings=settings),
-            buffer=ReplicaGroup(ReplayBufferClient, addresses["replay_buffer"], settings=settings),
+            buffer=(ReplicaGroup(ReplayBufferClient, addresses["replay_buffer"], settings=settings)
+                    if addresses.get("replay_buffer") else None),
             trainer=ReplicaGroup(TrainerClient, addresses["trainer"], settings=settings),
         )
 
     async def close(self) -> None:
         for group in (self.generator, self.reward, self.buffer, self.trainer):
-            await group.close()
+            if group is not None:
+                await group.close()
 
 
 class Metrics:

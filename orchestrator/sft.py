@@ -11,6 +11,7 @@ model also learns where to stop.
 
 from __future__ import annotations
 
+import math
 import pathlib
 import random
 import time
@@ -19,6 +20,27 @@ from forgerpc.orchestrator.config import SFTConfig
 from forgerpc.orchestrator.loop import Metrics, Services, evaluate, publish
 from forgerpc.orchestrator.tasks import TaskSet
 from forgerpc.v1 import common_pb2, trainer_pb2
+
+
+def sft_lr(step: int, cfg: SFTConfig) -> float:
+    """The SFT rate at `step` (1-based) of `cfg.steps`, with base rate r and floor m = min_lr_ratio:
+
+        warmup (step <= W):   r * step / W
+        constant:             r
+        cosine:               r * (m + (1 - m) * (1 + cos(pi * f)) / 2),   f = (step - W) / (steps - W)
+        linear:               r * (m + (1 - m) * (1 - f))
+
+    A decaying rate matters on the tiny model: a rate high enough to learn the format fast stalls
+    the loss later (3-digit addition at a constant 3e-3 plateaus near 1.2 nats/token).
+    """
+    r, w, m = cfg.learning_rate, cfg.warmup_steps, cfg.min_lr_ratio
+    if w and step <= w:
+        return r * step / w
+    if cfg.lr_schedule == "constant":
+        return r
+    f = min(max((step - w) / max(cfg.steps - w, 1), 0.0), 1.0)
+    decay = (1 + math.cos(math.pi * f)) / 2 if cfg.lr_schedule == "cosine" else 1 - f
+    return r * (m + (1 - m) * decay)
 
 
 class SFT:
@@ -53,8 +75,9 @@ class SFT:
                 episodes = await self.batch(eos)
             with self.metrics.phase("train"):
                 result = await self.s.trainer.train_step.call_one(
-                    episodes=episodes, objective=trainer_pb2.OBJECTIVE_SFT, learning_rate=self.cfg.learning_rate)
-            row = {"phase": "sft", "step": step, "loss": result.loss, "time": time.time()}
+                    episodes=episodes, objective=trainer_pb2.OBJECTIVE_SFT, learning_rate=sft_lr(step, self.cfg))
+            row = {"phase": "sft", "step": step, "loss": result.loss, "learning_rate": result.learning_rate,
+                   "time": time.time()}
             if step % self.cfg.eval_every == 0 or step == self.cfg.steps:
                 self.version += 1
                 await publish(self.s, self.metrics, self.version)

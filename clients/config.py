@@ -30,6 +30,25 @@ class Config(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ClientConfig(Config):
+    """How a caller reaches forgerpc services (as forgerpc.clients.ChannelSettings); empty = plaintext.
+
+    The orchestrator's `client` key, and every service's `client` key for its own outgoing calls
+    (reward -> sandbox, generator -> weight store, trainer -> weight store / replay buffer).
+    """
+
+    token_env: str = ""  # env var holding the bearer token
+    tls_ca: str = ""  # CA that signed the services' certificates (turns TLS on)
+    tls_cert: str = ""  # client certificate, for mutual TLS
+    tls_key: str = ""
+    server_name: str = ""  # TLS name to check instead of the address's host
+
+    def settings(self):
+        from forgerpc.clients.channel import ChannelSettings
+
+        return ChannelSettings(**self.model_dump())
+
+
 def _allowed(model: type[pydantic.BaseModel], loc: tuple) -> str:
     """Lists the keys a model accepts at `loc`, for "unknown key" errors."""
     current: Any = model

@@ -112,19 +112,28 @@ def data_message(pieces: list, size: int) -> bytes:
     return b"".join([b"\x12", _varint(size), *pieces])
 
 
+def data_view(raw: bytes) -> memoryview | None:
+    """The `data` field (#2) of a serialized message holding only that field, without copying it.
+
+    None when `raw` is anything else (a header, unknown fields, a truncated length): the caller
+    then parses it with protobuf, which also reports malformed bytes.
+    """
+    if raw[:1] != b"\x12":
+        return None
+    pos, shift, size = 1, 0, 0
+    while pos < len(raw) and shift < 64:
+        byte = raw[pos]
+        size |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return memoryview(raw)[pos:] if pos + size == len(raw) else None
+    return None
+
+
 def _data_of(raw: bytes) -> memoryview:
-    """The `data` field of a serialized GetWeightsResponse, without copying it."""
-    if raw[:1] == b"\x12":
-        pos, shift, size = 1, 0, 0
-        while True:
-            byte = raw[pos]
-            size |= (byte & 0x7F) << shift
-            pos, shift = pos + 1, shift + 7
-            if byte < 0x80:
-                break
-        if pos + size == len(raw):
-            return memoryview(raw)[pos:]
-    return memoryview(pb.GetWeightsResponse.FromString(raw).data)
+    """The `data` field of a serialized GetWeightsResponse."""
+    view = data_view(raw)
+    return view if view is not None else memoryview(pb.GetWeightsResponse.FromString(raw).data)
 
 
 def _rpc(client, name: str, kind: str):

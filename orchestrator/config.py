@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from forgerpc.clients.config import Config
+from forgerpc.clients.config import ClientConfig, Config
 
 SERVICE_NAMES = ("generator", "reward", "replay_buffer", "trainer", "weight_store", "sandbox", "environment")
 
@@ -30,21 +30,6 @@ class ServiceEntry(Config):
         if self.address is None:
             return []
         return [self.address] if isinstance(self.address, str) else list(self.address)
-
-
-class ClientConfig(Config):
-    """How the orchestrator reaches services (forgerpc.clients.ChannelSettings); empty = plaintext."""
-
-    token_env: str = ""  # env var holding the bearer token
-    tls_ca: str = ""  # CA that signed the services' certificates (turns TLS on)
-    tls_cert: str = ""  # client certificate, for mutual TLS
-    tls_key: str = ""
-    server_name: str = ""  # TLS name to check instead of the address's host
-
-    def settings(self):
-        from forgerpc.clients import ChannelSettings
-
-        return ChannelSettings(**self.model_dump())
 
 
 class StackConfig(Config):

@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
 
-from forgerpc.clients.config import Config
+from forgerpc.clients.config import ClientConfig, Config
 from forgerpc.clients.telemetry import setup_tracing, shutdown_tracing
 from forgerpc.services.common import auth
 from forgerpc.services.common.auth import AuthConfig
@@ -60,6 +60,8 @@ class ServiceConfig(Config):
     """Base of every service's config model."""
 
     server: ServerConfig = ServerConfig()
+    # This service's own calls to other services (token / TLS), e.g. reward -> sandbox.
+    client: ClientConfig = ClientConfig()
 
 
 @dataclasses.dataclass
@@ -146,7 +148,13 @@ def _method_handler(servicer: Any, method: _descriptor.MethodDescriptor, planned
         async for raw in raw_iterator:
             yield _parse(request_cls, raw)
 
+    # A servicer may take some requests as raw bytes (class attribute RAW_REQUESTS, method names):
+    # the weight store parses its 4 MiB Put chunks without protobuf's copy of the bytes field.
+    raw_requests = method.name in getattr(servicer, "RAW_REQUESTS", ())
+
     def request_of(raw):
+        if raw_requests:
+            return raw
         return parse_stream(raw) if method.client_streaming else _parse(request_cls, raw)
 
     serialize = lambda message: message.SerializeToString()  # noqa: E731

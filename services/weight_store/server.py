@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import math
 
-from forgerpc.clients.weights import data_message, host_id, tune_allocator
-from forgerpc.services.common.errors import ServiceError, failed_precondition, not_found, require
+from google.protobuf.message import DecodeError
+
+from forgerpc.clients.weights import data_message, data_view, host_id, tune_allocator
+from forgerpc.services.common.errors import ServiceError, failed_precondition, invalid_argument, not_found, require
 from forgerpc.services.common.runtime import ServiceDefinition
 from forgerpc.services.weight_store.backends import make_backend
 from forgerpc.services.weight_store.config import WeightStoreConfig
@@ -66,7 +68,26 @@ def validate_manifest(m: common_pb2.TensorManifest, max_bytes: int, field: str =
     require(end <= m.total_bytes, f"{field}.total_bytes", f"must cover the last tensor's end ({end})")
 
 
+async def parse_put(raw_stream):
+    """PutWeights messages from raw bytes: a data-only chunk comes out as a memoryview of the
+    received bytes (no copy); anything else is parsed by protobuf (malformed -> INVALID_ARGUMENT)."""
+    async for raw in raw_stream:
+        view = data_view(raw)
+        if view is not None:
+            yield view
+            continue
+        try:
+            message = pb.PutWeightsRequest.FromString(raw)
+        except DecodeError as e:
+            raise invalid_argument("(request body)", f"not a valid {pb.PutWeightsRequest.DESCRIPTOR.full_name}: {e}") from None
+        yield memoryview(message.data) if message.HasField("data") else message
+
+
 class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
+    # Put chunks reach PutWeights as raw bytes (see parse_put): protobuf would copy each 4 MiB
+    # `data` field into a new bytes object before the store copies it into the version's buffer.
+    RAW_REQUESTS = frozenset({"PutWeights"})
+
     def __init__(self, cfg: WeightStoreConfig, catalog: Catalog):
         self.cfg = cfg
         self.catalog = catalog
@@ -74,7 +95,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
 
     # -- Put --------------------------------------------------------------------------------------
     async def PutWeights(self, request_iterator, context) -> pb.PutWeightsResponse:
-        stream = request_iterator.__aiter__()
+        stream = parse_put(request_iterator)
         try:
             return await self._put(stream)
         except ServiceError:
@@ -87,13 +108,14 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
         limit = self.cfg.max_version_bytes + (64 << 20)
         with contextlib.suppress(Exception):
             async for message in stream:
-                limit -= len(message.data)
+                limit -= len(message) if isinstance(message, memoryview) else 0
                 if limit < 0:
                     return
 
     async def _put(self, stream) -> pb.PutWeightsResponse:
         first = await anext(stream, None)
-        require(first is not None and first.HasField("header"), "header", "the first message must be the header")
+        require(isinstance(first, pb.PutWeightsRequest) and first.HasField("header"), "header",
+                "the first message must be the header")
         h = first.header
         require(h.version >= 0, "header.version", "must not be negative")
         validate_manifest(h.manifest, self.cfg.max_version_bytes)
@@ -125,9 +147,8 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
         total, pos = manifest.total_bytes, 0
         receiver = Receiver(blob, manifest, self.catalog.receive_pool)
         try:
-            async for message in stream:
-                require(message.HasField("data"), "header", "only the first message may be a header")
-                data = message.data
+            async for data in stream:
+                require(isinstance(data, memoryview), "header", "only the first message may be a header")
                 require(pos + len(data) <= total, "data", f"more bytes than header.manifest.total_bytes ({total})")
                 await receiver.write(pos, data)
                 pos += len(data)

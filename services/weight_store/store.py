@@ -88,11 +88,16 @@ class Receiver:
         self.verifier = StreamVerifier(manifest.tensors)
         self.future: concurrent.futures.Future | None = None
 
-    def _absorb(self, pos: int, data: bytes) -> None:
-        ctypes.memmove(self.address + pos, data, len(data))
+    def _absorb(self, pos: int, data: memoryview) -> None:
+        src = data.obj
+        if isinstance(src, bytes):  # the chunk is the tail of a received message (see parse_put)
+            address = ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value + len(src) - len(data)
+            ctypes.memmove(self.address + pos, address, len(data))  # ctypes drops the GIL here
+        else:
+            self.blob.view[pos:pos + len(data)] = data
         self.verifier.feed(pos, self.blob.view[pos:pos + len(data)])  # cache-hot bytes
 
-    async def write(self, pos: int, data: bytes) -> None:
+    async def write(self, pos: int, data: memoryview) -> None:
         await self.drain()
         self.future = self.pool.submit(self._absorb, pos, data)
 

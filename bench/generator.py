@@ -1,7 +1,15 @@
-"""Generator benchmark: HF `model.generate` vs our torch engine, direct and through gRPC.
+"""Generator benchmark: HF `model.generate` vs our torch engine, direct and through gRPC, and
+raw vLLM vs our vllm backend through gRPC.
 
     .venv/bin/python bench/generator.py                  # tiny Llama (+ SmolLM2-135M when installed)
     .venv/bin/python bench/generator.py --models tiny    # quick run
+    .venv/bin/python bench/generator.py --no-vllm        # skip the vLLM part
+
+The vLLM part needs vllm, which lives in .venv-vllm (`make vllm-venv`), not in this venv: when
+that venv exists this script runs bench/generator_vllm.py there as a subprocess (same models,
+batch 16) and merges its rows and its summary keys (vllm_raw_tok_s, vllm_grpc_tok_s,
+vllm_overhead_frac: SmolLM2, batch 16) into bench/results/generator.json; see that script for
+how they are measured.
 
 Same model, same batch, same work on every side: `batch` prompts of 16 random token ids (one
 length, so HF needs no padding), greedy, exactly 64 new tokens (HF with no eos_token_id, ours
@@ -44,6 +52,8 @@ from forgerpc.services.generator.backends.torch_engine import TorchEngine
 from forgerpc.v1.common_pb2 import Prompt, SamplingParams
 
 OUT = pathlib.Path(__file__).parent / "results" / "generator.json"
+VLLM_PYTHON = pathlib.Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+VLLM_KEYS = ("vllm_raw_tok_s", "vllm_grpc_tok_s", "vllm_overhead_frac", "vllm_overhead_frac_best")
 NEW_TOKENS = 64
 PROMPT_LEN = 16
 
@@ -173,6 +183,27 @@ async def bench_model(name: str, path: pathlib.Path, batches: list[int], rounds:
     return rows
 
 
+def run_vllm_part(models: str, rounds: int) -> dict | None:
+    """bench/generator_vllm.py in .venv-vllm, as a subprocess; its result dict, or None without
+    that venv. Runs after the torch part, so the two never compete for the CPU."""
+    if not VLLM_PYTHON.exists():
+        print(f"vllm part skipped: no {VLLM_PYTHON} (make vllm-venv)", flush=True)
+        return None
+    with tempfile.TemporaryDirectory(prefix="bench-generator-") as tmp:
+        out = pathlib.Path(tmp) / "generator_vllm.json"
+        cmd = [str(VLLM_PYTHON), str(pathlib.Path(__file__).with_name("generator_vllm.py")), "--models", models,
+               "--batches", "16", "--rounds", str(rounds), "--out", str(out)]
+        print("vllm part:", " ".join(cmd), flush=True)
+        done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ""})
+        if done.returncode != 0 or not out.exists():
+            print(f"vllm part failed (exit {done.returncode})", flush=True)
+            return None
+        result = json.loads(out.read_text())
+    vllm_out = OUT.with_name("generator_vllm.json")  # keep its own file current as well
+    vllm_out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def pick(rows, model, batch, key):
     for r in rows:
         if r["model"] == model and r["batch"] == batch and r["workload"] == "fixed_64":
@@ -186,6 +217,8 @@ async def main() -> None:
     parser.add_argument("--batches", default="16,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads for every side; 0 = default")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM part (.venv-vllm subprocess)")
+    parser.add_argument("--vllm-rounds", type=int, default=5)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,11 +248,19 @@ async def main() -> None:
         "ratio_engine_vs_hf_smollm2": pick(rows, "smollm2", 16, "ratio_engine_vs_hf"),
         "target_ratio": 2.0,
     }
+    vllm = None if args.no_vllm else run_vllm_part(args.models, args.vllm_rounds)
+    if vllm is not None:
+        result["rows"] += [{"workload": "vllm_fixed_64", **r} for r in vllm["rows"]]
+        result |= {k: vllm[k] for k in VLLM_KEYS if k in vllm}
+        result["vllm_summary_model"] = vllm.get("summary_model")
+        result["vllm_machine"] = vllm["machine"]
+        result["target_vllm_overhead_frac"] = 0.10
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT}: ratio_engine_vs_hf={result['ratio_engine_vs_hf']}, "
           f"ratio_engine_grpc_vs_hf={result['ratio_engine_grpc_vs_hf']}, "
-          f"ratio_engine_vs_hf_smollm2={result['ratio_engine_vs_hf_smollm2']}")
+          f"ratio_engine_vs_hf_smollm2={result['ratio_engine_vs_hf_smollm2']}, "
+          f"vllm_overhead_frac={result.get('vllm_overhead_frac')}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     .venv/bin/python bench/weight_sync.py --sizes 135m    # quick run (~1 min)
     .venv/bin/python bench/weight_sync.py                 # 135M and 1.7B: needs ~14 GB free RAM,
                                                           # so not on a shared 24 GB dev machine
-    bash bench/weight_sync_gpu_check.sh                   # on a lent GPU machine (see the script)
+    bash bench/gpu_check.sh                               # on a lent GPU machine (see the script)
 
 For each model size (synthetic bf16 tensors with the layer shapes of SmolLM2-135M / -1.7B, both
 Llama architectures) it measures, in this run:

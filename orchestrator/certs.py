@@ -20,6 +20,9 @@ ChannelSettings.server_name to the service name.
 
 Running it again keeps the CA and re-issues every leaf certificate (leaf rotation). Keys are
 ECDSA P-256: small, fast handshakes, supported by gRPC's BoringSSL.
+
+`cryptography` is imported inside the functions that use it: cli.py registers this subcommand's
+parser for every `forgerpc` command, and `forgerpc serve` / `health` should not pay for it.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ import os
 import pathlib
 import sys
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 SERVICES = ("generator", "reward", "replay_buffer", "trainer", "weight_store", "sandbox", "environment")
 CLIENT = "client"
@@ -50,10 +54,15 @@ def dns_names(service: str, namespace: str = "forgerpc") -> list[str]:
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _name(common_name: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     return x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "forgerpc (development)"),
         x509.NameAttribute(NameOID.COMMON_NAME, common_name),
@@ -61,6 +70,8 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
+    from cryptography import x509
+
     # Backdate a little so that small clock skew between hosts does not reject a fresh cert.
     now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
@@ -69,6 +80,9 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x5
 
 
 def make_ca(days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
     key = _key()
     name = _name(f"forgerpc development CA {datetime.date.today().isoformat()}")
     cert = (_builder(name, name, key.public_key(), days)
@@ -85,6 +99,10 @@ def make_ca(days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 def issue(ca_cert: x509.Certificate, ca_key, common_name: str, hosts: list[str], days: int,
           server: bool = True) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A leaf certificate signed by the CA. `hosts` become DNS/IP SANs (gRPC checks SANs, not CN)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     key = _key()
     sans: list[x509.GeneralName] = []
     for host in hosts:
@@ -113,17 +131,20 @@ def _write(path: pathlib.Path, data: bytes, private: bool = False) -> None:
 
 
 def _pem(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+def _spki(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
 
-
-def _public(key) -> bytes:
-    return key.public_key().public_bytes(*_SPKI)
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -137,6 +158,9 @@ def create(out: str | pathlib.Path, services=SERVICES, namespace: str = "forgerp
     mounted into services holds no key that can mint certificates. Returns the paths written.
     The CA is kept when one exists already, unless `rotate_ca`.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ca_pem = out / "ca.pem"
@@ -152,7 +176,7 @@ def create(out: str | pathlib.Path, services=SERVICES, namespace: str = "forgerp
     else:
         ca_cert = trusted[0]
         signing_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if _public(signing_key) != ca_cert.public_key().public_bytes(*_SPKI):
+        if _spki(signing_key.public_key()) != _spki(ca_cert.public_key()):
             raise ValueError(f"{key_path} is not the key of the CA in {ca_pem}")
         if drop_previous_ca:
             trusted = trusted[:1]

@@ -3,6 +3,7 @@
     forgerpc serve <service> [--host H] [--port P] [--config FILE] [key=value ...]
     forgerpc up CONFIG [key=value ...]        # start the stack, report health, wait for Ctrl-C
     forgerpc run CONFIG [key=value ...]       # start the stack and run the main job
+    forgerpc run CONFIG --resume RUN_DIR      # continue that run from its newest checkpoint
     forgerpc health ADDRESS [--service NAME]  # exit 0 when SERVING (container health checks)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 
 from forgerpc.clients.config import ConfigError, load_config
@@ -32,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value")
         if name == "up":
             p.add_argument("--once", action="store_true", help="report health and stop instead of waiting")
+        else:
+            p.add_argument("--resume", metavar="RUN_DIR", default="",
+                           help="continue the run in RUN_DIR from its newest checkpoint (run_dir is set to it)")
 
     health = sub.add_parser("health", help="check a service's gRPC health; exit 0 if SERVING")
     health.add_argument("address", help="host:port")
@@ -45,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may also follow an option (`run CONFIG --resume DIR steps=5`)
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command not in ("up", "run") or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command == "serve":
         # A service runs as its own program (the orchestrator never imports services).
         os.execv(sys.executable, [sys.executable, "-m", "forgerpc.services", "serve", args.service, *args.rest])
@@ -57,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return certs.main(args)
     from forgerpc.orchestrator.config import RunConfig
 
+    overrides = list(args.overrides)
+    if getattr(args, "resume", ""):
+        overrides.append(f"run_dir={args.resume}")
     try:
-        cfg = load_config(RunConfig, args.config, args.overrides)
+        cfg = load_config(RunConfig, args.config, overrides)
     except ConfigError as e:
         print(f"forgerpc {args.command}: {e}", file=sys.stderr)
         return 2
@@ -66,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from forgerpc.orchestrator.run import run
 
-            result = asyncio.run(run(cfg))
+            # SIGTERM (docker stop, kill) ends the run like Ctrl-C: every service process is stopped.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            result = asyncio.run(run(cfg, resume=bool(args.resume)))
             return 0 if result.get("healthy") else 1
         return asyncio.run(_up(cfg, wait=not args.once))
     except KeyboardInterrupt:
@@ -90,15 +106,12 @@ async def _health(address: str, service: str, timeout: float) -> int:
 
 
 async def _up(cfg, wait: bool) -> int:
-    import signal
-
     from rich.console import Console
 
-    from forgerpc.orchestrator.launcher import Stack
-    from forgerpc.orchestrator.run import health_table
+    from forgerpc.orchestrator.run import health_table, start_stack
 
     console = Console()
-    async with Stack(cfg) as stack:
+    async with start_stack(cfg, log_dir=None) as stack:
         report = await stack.health()
         console.print(health_table(report))
         console.print(f"logs: {stack.log_dir}")

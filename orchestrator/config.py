@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -25,6 +25,8 @@ class ServiceEntry(Config):
     address: str | list[str] | None = None
     # The service's own config (what `forgerpc serve <name> --config` would read).
     config: dict[str, Any] = Field(default_factory=dict)
+    # CPU cores every replica is pinned to (`taskset`, all threads); empty = wherever the OS puts it.
+    cpus: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
 
     def addresses(self) -> list[str]:
         if self.address is None:
@@ -47,7 +49,7 @@ class StackConfig(Config):
 
 
 class TaskConfig(Config):
-    name: Literal["addition", "multiplication", "reverse"] = "addition"
+    name: Literal["addition", "multiplication", "reverse", "code"] = "addition"
     seed: int = 0
     eval_size: int = Field(default=200, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)  # e.g. {digits: 3}
@@ -67,6 +69,9 @@ class GRPOConfig(Config):
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     std_normalize: bool = True
     seed: int = 0
+    # Trainer checkpoint (+ the app's data position) every K steps and at the last step; 0 = last
+    # step only. `forgerpc run CONFIG --resume RUN_DIR` continues from the newest one.
+    checkpoint_every: int = Field(default=50, ge=0)
 
 
 class SFTConfig(Config):
@@ -80,6 +85,11 @@ class SFTConfig(Config):
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     min_lr_ratio: float = Field(default=0.1, gt=0, le=1)
+    # Stop early once greedy accuracy on `check_size` TRAINING prompts (a fixed sample, never the
+    # held-out eval split) reaches this, checked every eval_every steps; 0 = always run `steps`.
+    # The tiny model's breakthrough to exact sums comes at a seed-dependent step (800-1500+).
+    until_accuracy: float = Field(default=0.0, ge=0, le=1)
+    check_size: int = Field(default=200, ge=1)
 
 
 class ModelConfig(Config):
@@ -100,6 +110,10 @@ class RunConfig(StackConfig):
     app: Literal["none", "grpo", "sft"] = "none"
     # Redis for the episode stream; empty = start a private redis-server for this run.
     redis_url: str = ""
+    # Fraction of traces kept (head sampling at each root span; every service follows the root's
+    # decision through the traceparent it receives). Tracing each call costs ~25% of the
+    # framework's CPU in a busy loop (bench/pipeline.py), so big runs keep a sample.
+    trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     sft: SFTConfig = SFTConfig()

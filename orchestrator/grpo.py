@@ -16,6 +16,9 @@ permits come back only after the step that used them has published its weights. 
 loop is synchronous and on-policy; with N, episodes are at most N versions old.
 No retry, transport or serialization code lives here: the SDK retries and fails over, and a
 rollout that still fails is logged, counted and dropped.
+
+Every `checkpoint_every` steps the trainer saves a checkpoint together with the loop's Position
+(step, version, prompts drawn), which `forgerpc run CONFIG --resume RUN_DIR` continues from.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import uuid
 
 from forgerpc.clients import ForgeRPCError
 from forgerpc.orchestrator.config import GRPOConfig
-from forgerpc.orchestrator.loop import Metrics, Services, evaluate, publish
+from forgerpc.orchestrator.loop import (Metrics, Position, Services, checkpoint, current_traceparent, evaluate,
+                                       publish, rollout_links)
 from forgerpc.orchestrator.tasks import TaskSet
 from forgerpc.v1 import common_pb2, reward_pb2
 
@@ -45,14 +49,19 @@ def group_advantages(rewards: list[float], std_normalize: bool = True, eps: floa
 
 
 class GRPO:
-    def __init__(self, services: Services, task: TaskSet, settings: GRPOConfig, run_dir: pathlib.Path):
+    def __init__(self, services: Services, task: TaskSet, settings: GRPOConfig, run_dir: pathlib.Path,
+                 resume: Position | None = None, on_row=None):
         self.s = services
         self.task = task
         self.cfg = settings
-        self.metrics = Metrics(run_dir)
+        self.metrics = Metrics(run_dir, on_row)
         self.version = 0
         self.started = time.time()
+        self.start = resume or Position("grpo", step=0, version=0)
+        self.drawn = self.start.drawn  # data position: prompts drawn so far
         self._dropped_seen = 0
+        self.buffer_size = 0  # episodes in the stream (unread + pending), from the last GetStats
+        self.debt = 0  # groups in the buffer that no permit of this run was taken for (resume)
         self.stop = asyncio.Event()
         self.groups_in_flight = asyncio.Semaphore(settings.prompts_per_step * (settings.max_staleness + 1))
 
@@ -62,12 +71,15 @@ class GRPO:
 
     # -- rollouts ---------------------------------------------------------------------------
     async def rollout_worker(self, worker: int) -> None:
-        rng = random.Random(f"{self.cfg.seed}-{worker}")
         while not self.stop.is_set():
             await self.groups_in_flight.acquire()  # released when the trainer consumes a group
-            example = self.task.sample_train(rng)
+            # Prompt i comes from its own seeded RNG, whichever worker draws it: the data position
+            # is one number, and a resumed run draws exactly the prompts an unbroken one would.
+            index, self.drawn = self.drawn, self.drawn + 1
+            example = self.task.sample_train(random.Random(f"{self.cfg.seed}-{index}"))
             try:
-                await self.rollout(example)
+                with self.metrics.phase("rollout"):  # the root span of this group's trace
+                    await self.rollout(example)
             except ForgeRPCError as e:
                 self.groups_in_flight.release()
                 self.metrics.count("rollouts_dropped")
@@ -79,7 +91,8 @@ class GRPO:
             out = await self.s.generator.generate.route(
                 prompts=[prompt], sampling_params=self.sampling(self.cfg.group_size, self.cfg.temperature))
         with self.metrics.phase("reward"):
-            items = [reward_pb2.RewardItem(prompt=example.prompt, response=c.text, target=example.target)
+            items = [reward_pb2.RewardItem(prompt=example.prompt, response=c.text, target=example.target,
+                                           metadata=dict(example.metadata))  # e.g. a code task's tests
                      for c in out.completions]
             scores = (await self.s.reward.evaluate.route(items=items)).scores
         rewards = [s.score for s in scores]
@@ -91,47 +104,64 @@ class GRPO:
                 prompt_token_ids=c.prompt_token_ids, response_token_ids=c.token_ids, response_logprobs=c.logprobs,
                 reward=s.score, sub_scores=dict(s.sub_scores), advantage=a, has_advantage=True,
                 policy_version=c.policy_version, created_unix_ms=int(time.time() * 1000),
+                traceparent=current_traceparent(),
             )
             for c, s, a in zip(out.completions, scores, advantages)
         ]
         with self.metrics.phase("enqueue"):
             await self.s.buffer.add_episodes.route(episodes=episodes)
         self.metrics.count("episodes", len(episodes))
+        self.metrics.count("tokens", sum(len(c.token_ids) for c in out.completions))
+
+    def release(self, groups: int) -> None:
+        """Gives rollout permits back, first paying off groups that predate this run."""
+        paid = min(groups, self.debt)
+        self.debt -= paid
+        for _ in range(groups - paid):
+            self.groups_in_flight.release()
 
     # -- training ---------------------------------------------------------------------------
     async def train(self) -> None:
         batch_size = self.cfg.prompts_per_step * self.cfg.group_size
-        for step in range(1, self.cfg.steps + 1):
+        for step in range(self.start.step + 1, self.cfg.steps + 1):
             with self.metrics.phase("sample"):
                 batch = await self.s.buffer.sample.call_one(batch_size=batch_size, whole_groups=True,
                                                             current_policy_version=self.version, wait_seconds=60)
             if not batch.episodes:
-                for _ in range(await self.dropped_groups()):
-                    self.groups_in_flight.release()
+                self.release(await self.dropped_groups())
                 continue
-            with self.metrics.phase("train"):
+            with self.metrics.phase("train", links=rollout_links(batch.episodes)):
                 result = await self.s.trainer.train_step.call_one(episodes=batch.episodes)
             await self.s.buffer.ack.call_one(batch_id=batch.batch_id)
-            row = {"phase": "grpo", "step": step, "version": self.version, "loss": result.loss, "kl": result.kl,
+            elapsed = time.time() - self.started
+            row = {"phase": "grpo", "step": step, "version": self.version, "trainer_step": result.step,
+                   "loss": result.loss, "kl": result.kl,
                    "reward_mean": statistics.fmean(e.reward for e in batch.episodes),
                    "staleness": self.version - min(e.policy_version for e in batch.episodes),
-                   "episodes": self.metrics.counts.get("episodes", 0),
-                   "episodes_per_s": self.metrics.counts.get("episodes", 0) / (time.time() - self.started),
+                   "episodes": self.start.episodes + self.metrics.counts.get("episodes", 0),
+                   "episodes_per_s": self.metrics.counts.get("episodes", 0) / elapsed,
+                   "tokens_per_s": self.metrics.counts.get("tokens", 0) / elapsed,
                    "time": time.time()}
             if step % self.cfg.publish_every == 0:
                 await publish(self.s, self.metrics, self.version + 1)
                 self.version += 1
-            for _ in range(len({e.group_id for e in batch.episodes}) + await self.dropped_groups()):
-                self.groups_in_flight.release()  # after publishing: new rollouts use the new weights
+            # After publishing: new rollouts use the new weights.
+            self.release(len({e.group_id for e in batch.episodes}) + await self.dropped_groups())
+            row["buffer_size"] = self.buffer_size
             if step % self.cfg.eval_every == 0 or step == self.cfg.steps:
                 row["eval_accuracy"] = await self.evaluate()
             self.metrics.write(row)
             log.info("step %d %s", step, row)
+            every = self.cfg.checkpoint_every
+            if (every and step % every == 0) or step == self.cfg.steps:
+                await checkpoint(self.s, self.metrics, Position("grpo", step, self.version, drawn=self.drawn,
+                                                                episodes=row["episodes"]))
 
     async def dropped_groups(self) -> int:
         """Groups the buffer filtered (all rewards equal) or evicted as stale since the last call:
         they will never be trained on, so their rollout permits come back here."""
         stats = await self.s.buffer.get_stats.call_one()
+        self.buffer_size = stats.stream_length
         dropped = stats.filtered_groups_total + stats.evicted_stale_total // self.cfg.group_size
         new, self._dropped_seen = dropped - self._dropped_seen, dropped
         return max(new, 0)
@@ -141,12 +171,17 @@ class GRPO:
                               self.cfg.max_tokens, self.cfg.stop)
 
     async def run(self, start_version: int = 0) -> dict:
-        self.version = start_version  # e.g. after an SFT warm start
-        await self.dropped_groups()  # the buffer's counters may predate this run (shared Redis)
+        self.version = start_version  # after an SFT warm start, or the version a resume published
+        await self.dropped_groups()  # the buffer's counters may predate this run (shared Redis, resume)
+        # Groups already in the stream (left by the interrupted run being resumed) are trained or
+        # dropped like new ones, but took no permit: their releases must not widen the bound.
+        self.debt = self.buffer_size // self.cfg.group_size
         workers = [asyncio.create_task(self.rollout_worker(i)) for i in range(self.cfg.rollout_workers)]
         try:
             baseline = await self.evaluate()
-            self.metrics.write({"phase": "grpo", "step": 0, "version": self.version, "eval_accuracy": baseline, "time": time.time()})
+            if not self.start.step:
+                self.metrics.write({"phase": "grpo", "step": 0, "version": self.version, "eval_accuracy": baseline,
+                                    "time": time.time()})
             await self.train()
             final = await self.evaluate()
         finally:
@@ -156,4 +191,5 @@ class GRPO:
             await asyncio.gather(*workers, return_exceptions=True)
             self.metrics.close()
         return {"eval_before": baseline, "eval_after": final, "version": self.version,
-                "episodes": self.metrics.counts.get("episodes", 0), "phase_seconds": self.metrics.seconds}
+                "episodes": self.start.episodes + self.metrics.counts.get("episodes", 0),
+                "phase_seconds": self.metrics.seconds}

@@ -36,15 +36,17 @@ class ServiceProcess:
 
 
 async def start_service(name: str, config: dict, index: int, log_dir: pathlib.Path,
-                        timeout: float) -> ServiceProcess:
-    """Spawns `python -m forgerpc.services serve NAME --port 0` and waits for its READY line."""
+                        timeout: float, cpus: tuple[int, ...] | list[int] = ()) -> ServiceProcess:
+    """Spawns `python -m forgerpc.services serve NAME --port 0` (under `taskset -c CPUS` when given,
+    so every thread it ever starts stays on those cores) and waits for its READY line."""
     log_dir.mkdir(parents=True, exist_ok=True)
     config_path = log_dir / f"{name}-{index}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = log_dir / f"{name}-{index}.log"
     stderr = open(log_path, "wb")
+    pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "forgerpc.services", "serve", name, "--port", "0", "--config", str(config_path),
+        *pin, sys.executable, "-m", "forgerpc.services", "serve", name, "--port", "0", "--config", str(config_path),
         stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True,
     )
     stderr.close()
@@ -100,7 +102,8 @@ class Stack:
                 self.addresses[name] = entry.addresses()
                 continue
             for i in range(entry.replicas):
-                starts.append(start_service(name, entry.config, i, self.log_dir, self.cfg.start_timeout_seconds))
+                starts.append(start_service(name, entry.config, i, self.log_dir, self.cfg.start_timeout_seconds,
+                                            entry.cpus))
         results = await asyncio.gather(*starts, return_exceptions=True)
         self.processes = [r for r in results if isinstance(r, ServiceProcess)]
         errors = [r for r in results if isinstance(r, BaseException)]

@@ -3,10 +3,14 @@
     with PrivateRedis() as url:     # redis://127.0.0.1:<free port>/0, temp dir, no persistence
         ...
     # stopped, temp dir removed
+
+    with PrivateRedis(data_dir=RUN_DIR / "redis"):   # append-only file kept in the run directory:
+        ...                                          # a resumed run restarts from the same data
 """
 
 from __future__ import annotations
 
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -21,19 +25,25 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    def __init__(self, binary: str = "redis-server"):
+    def __init__(self, binary: str = "redis-server", data_dir: str | pathlib.Path | None = None):
         self.binary = shutil.which(binary)
         if self.binary is None:
             raise RuntimeError("redis-server not found on PATH: install it (Debian: apt-get install redis-server) "
                                "or set redis_url in the config")
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="forgerpc-redis-")
+        # With a data_dir, every write goes to an append-only file there (fsync once a second),
+        # and the directory outlives the server; without one, nothing is persisted.
+        self.persist = data_dir is not None
+        if self.persist:
+            pathlib.Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self.dir = str(data_dir) if self.persist else tempfile.mkdtemp(prefix="forgerpc-redis-")
         self.process: subprocess.Popen | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
         self.process = subprocess.Popen(
-            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
              "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
@@ -59,7 +69,8 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not self.persist:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> str:
         return self.start()

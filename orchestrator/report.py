@@ -22,6 +22,13 @@ def read_metrics(run_dir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per (phase, step), the last written: a resumed run redoes the steps an interrupted
+    one took after its last checkpoint, and those newer rows are the ones that count."""
+    by_step = {(r["phase"], r["step"]): r for r in rows if "phase" in r and "step" in r}
+    return list(by_step.values())
+
+
 def write_plots(run_dir: pathlib.Path) -> list[pathlib.Path]:
     """One PNG per metric that was recorded, x = training step."""
     import matplotlib
@@ -29,7 +36,7 @@ def write_plots(run_dir: pathlib.Path) -> list[pathlib.Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
+    rows = latest_rows(read_metrics(run_dir))
     written = []
     for name, (title, keys) in PLOTS.items():
         series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}

@@ -4,6 +4,8 @@
 
     for each step:  examples -> generator.tokenize (prompt, target) -> trainer.train_step(SFT)
     every K steps:  trainer.publish_weights -> generator.update_weights -> greedy eval
+                    -> trainer.save_checkpoint (with the sampler's RNG state: resumable)
+                    -> stop early once training-prompt accuracy >= sft.until_accuracy (if set)
 
 Loss (trainer side): masked cross-entropy over the response tokens, target + EOS, so that the
 model also learns where to stop.
@@ -17,7 +19,7 @@ import random
 import time
 
 from forgerpc.orchestrator.config import SFTConfig
-from forgerpc.orchestrator.loop import Metrics, Services, evaluate, publish
+from forgerpc.orchestrator.loop import Metrics, Position, Services, checkpoint, evaluate, publish
 from forgerpc.orchestrator.tasks import TaskSet
 from forgerpc.v1 import common_pb2, trainer_pb2
 
@@ -45,13 +47,21 @@ def sft_lr(step: int, cfg: SFTConfig) -> float:
 
 class SFT:
     def __init__(self, services: Services, task: TaskSet, settings: SFTConfig, run_dir: pathlib.Path,
-                 eval_size: int = 100, max_tokens: int = 8, stop=("\n",), seed: int = 0):
+                 eval_size: int = 100, max_tokens: int = 8, stop=("\n",), seed: int = 0,
+                 resume: Position | None = None, on_row=None):
         self.s = services
         self.task = task
         self.cfg = settings
-        self.metrics = Metrics(run_dir)
+        self.metrics = Metrics(run_dir, on_row)
         self.eval_args = (task.eval_set[:eval_size], max_tokens, stop)
+        # The early-stop check runs on training prompts: the held-out split only measures.
+        check_rng = random.Random(f"sft-check-{seed}")
+        self.check_args = ([task.sample_train(check_rng) for _ in range(settings.check_size)], max_tokens, stop)
         self.rng = random.Random(f"sft-{seed}")
+        self.start = resume or Position("sft", step=0, version=0)
+        if self.start.rng is not None:  # JSON turned random.getstate()'s tuples into lists
+            version, internal, gauss = self.start.rng
+            self.rng.setstate((version, tuple(internal), gauss))
         self.version = 0
 
     async def batch(self, eos: int) -> list[common_pb2.Episode]:
@@ -69,20 +79,30 @@ class SFT:
         info = await self.s.generator.get_model_info.route()
         eos = info.eos_token_ids[0]
         before = await evaluate(self.s, self.metrics, *self.eval_args)
-        self.metrics.write({"phase": "sft", "step": 0, "eval_accuracy": before, "time": time.time()})
-        for step in range(1, self.cfg.steps + 1):
+        if not self.start.step:
+            self.metrics.write({"phase": "sft", "step": 0, "version": self.version, "eval_accuracy": before,
+                                "time": time.time()})
+        for step in range(self.start.step + 1, self.cfg.steps + 1):
             with self.metrics.phase("sft_batch"):
                 episodes = await self.batch(eos)
             with self.metrics.phase("train"):
                 result = await self.s.trainer.train_step.call_one(
                     episodes=episodes, objective=trainer_pb2.OBJECTIVE_SFT, learning_rate=sft_lr(step, self.cfg))
-            row = {"phase": "sft", "step": step, "loss": result.loss, "learning_rate": result.learning_rate,
-                   "time": time.time()}
-            if step % self.cfg.eval_every == 0 or step == self.cfg.steps:
+            row = {"phase": "sft", "step": step, "version": self.version, "trainer_step": result.step,
+                   "loss": result.loss, "learning_rate": result.learning_rate, "time": time.time()}
+            boundary = step % self.cfg.eval_every == 0 or step == self.cfg.steps
+            if boundary:
                 self.version += 1
                 await publish(self.s, self.metrics, self.version)
                 row["eval_accuracy"] = await evaluate(self.s, self.metrics, *self.eval_args)
+                if self.cfg.until_accuracy:
+                    row["train_accuracy"] = await evaluate(self.s, self.metrics, *self.check_args)
             self.metrics.write(row)
+            if boundary:  # the row first: a resumed run never misses the row of its checkpoint step
+                await checkpoint(self.s, self.metrics, Position("sft", step, self.version,
+                                                                rng=list(self.rng.getstate())))
+            if row.get("train_accuracy", 0.0) >= self.cfg.until_accuracy > 0:
+                break  # warm enough: RL takes it from here
         after = await evaluate(self.s, self.metrics, *self.eval_args) if self.cfg.steps else before
         self.metrics.close()
         return {"sft_eval_before": before, "sft_eval_after": after, "version": self.version}

@@ -163,3 +163,13 @@ def test_cli_certs_and_tls_health_check(tls_reward, tmp_path):
         ["ca.pem", "ca.key", "client.pem", "client.key", "reward.pem", "reward.key", "sandbox.pem", "sandbox.key"])
     wrong = subprocess.run([*cli, "certs", str(out), "--check", proc.address], capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 1 and "UNAVAILABLE" in wrong.stdout, wrong.stdout
+
+
+def test_forgerpc_cli_does_not_import_cryptography():
+    """Every `forgerpc` command builds the whole parser, `certs` included; only `forgerpc certs`
+    itself may load cryptography (`serve` and the health checks should not pay for it)."""
+    code = ("import sys\nfrom forgerpc.orchestrator import cli\n"
+            "cli._parser().parse_args(['serve', 'reward'])\ncli._parser().parse_args(['certs', 'x'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

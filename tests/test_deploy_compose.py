@@ -27,7 +27,7 @@ BASE, TLS = DEPLOY / "compose.yaml", DEPLOY / "compose.tls.yaml"
 SECRETS = {"FORGERPC_TOKEN": "compose-test-token", "REDIS_PASSWORD": "compose-test-redis"}
 # Variables the compose files read; the caller's values (make test exports REDIS_URL) must not leak in.
 KNOBS = {"REDIS_URL", "FORGERPC_IMAGE", "FORGERPC_CUDA_IMAGE", "FORGERPC_MODEL_NAME",
-         "GENERATOR_GPU_0", "GENERATOR_GPU_1", "TRAINER_GPU", *SECRETS}
+         "GENERATOR_GPU_0", "GENERATOR_GPU_1", "TRAINER_GPU", "FORGERPC_WEIGHT_STORE", *SECRETS}
 FORGERPC = [sys.executable, "-m", "forgerpc.orchestrator"]  # what the image's `forgerpc` runs
 ONE_SHOT = {"certs", "model-tiny", "orchestrator", "orchestrator-gpu"}  # jobs: run once, exit 0
 
@@ -48,8 +48,10 @@ def compose(*args: str, files=(BASE,), env: dict | None = None) -> subprocess.Co
                           env={**clean, **(SECRETS if env is None else env)})
 
 
-def render(profile: str, tls: bool = False) -> dict:
-    out = compose("--profile", profile, "config", "--format", "json", files=(BASE, TLS) if tls else (BASE,))
+def render(profile: str, tls: bool = False, knobs: dict | None = None) -> dict:
+    """The rendered file; `knobs`: variables the compose file reads (FORGERPC_WEIGHT_STORE, ...)."""
+    out = compose("--profile", profile, "config", "--format", "json", files=(BASE, TLS) if tls else (BASE,),
+                  env={**SECRETS, **(knobs or {})})
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -252,3 +254,44 @@ def test_stack_addresses_name_compose_services(rendered):
                 base = host.removeprefix(f"{doc['name']}-").rsplit("-", 1)[0] if host.startswith(doc["name"]) else host
                 assert base in doc["services"], (profile, name, address)
         assert len(stack.services["generator"].addresses()) == generators
+
+
+# Services that call other services, with their config's `client:` section: reward -> sandbox
+# (code_tests), generator -> weight store (UpdateWeights), trainer -> weight store / replay buffer.
+CALLERS = ("reward", "generator", "trainer")
+CLIENT_VARS = ("FORGERPC_CLIENT_TLS_CA", "FORGERPC_CLIENT_TLS_CERT", "FORGERPC_CLIENT_TLS_KEY")
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_callers_use_the_token_and_their_own_certificate(rendered, tls, monkeypatch):
+    """Each caller's `client:` (services and the orchestrator jobs) resolves, in its container's
+    environment, to the stack token and (with compose.tls.yaml) the CA plus its own certificate
+    pair from the `certs` volume."""
+    seen = set()
+    for profile in ("cpu", "gpu"):
+        doc = rendered[profile, tls]
+        for name, s in forgerpc_services(doc).items():
+            command = s["command"]
+            if command[0] not in ("serve", "run"):
+                continue  # the certs and model-tiny jobs call nobody
+            if command[0] == "serve" and command[1] not in CALLERS:
+                assert not set(CLIENT_VARS) & set(s.get("environment") or {}), name  # no key it never uses
+                continue
+            for k in CLIENT_VARS:
+                monkeypatch.delenv(k, raising=False)
+            for k, v in s["environment"].items():
+                monkeypatch.setenv(k, v)
+            source, _ = mounted_config(s)
+            file = doc["configs"][source]["file"]
+            # The orchestrator job presents the shared client certificate, a service its own.
+            owner = "client" if command[0] == "run" else command[1]
+            client = load_config(RunConfig if command[0] == "run" else config_model(owner), file).client
+            assert client.token_env == "FORGERPC_TOKEN" in s["environment"]
+            want = ("/certs/ca.pem", f"/certs/{owner}.pem", f"/certs/{owner}.key") if tls else ("", "", "")
+            assert (client.tls_ca, client.tls_cert, client.tls_key) == want, (profile, name)
+            if tls:  # the files are there: the certs job writes a pair per service into that volume
+                assert {"source": "certs", "target": "/certs"}.items() <= next(
+                    v for v in s["volumes"] if v["target"] == "/certs").items()
+            seen.add(name)
+    assert seen == {"reward", "generator", "trainer", "generator-gpu-0", "generator-gpu-1", "trainer-gpu",
+                    "orchestrator", "orchestrator-gpu"}

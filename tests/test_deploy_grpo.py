@@ -11,7 +11,9 @@ machine lacks is substituted, and only that (`Localize`):
 
 Then the orchestrator job runs `forgerpc run /etc/forgerpc/stack.yaml` (stack-compose-cpu.yaml)
 plus a few overrides that shorten the run. Every service requires the compose token, so the run
-finishing proves each call carried it.
+finishing proves each call carried it. The mTLS variant also sets the compose knob
+FORGERPC_WEIGHT_STORE=weight-store:50051 (the Kubernetes wiring): weight versions then go
+trainer -> weight store -> generators, service to service, with the callers' `client:` settings.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pytest
 import redis
 from test_deploy_compose import argv, forgerpc_services, local, mounted_config, render
 
-from forgerpc.clients import ChannelSettings, ForgeRPCError, GeneratorClient
+from forgerpc.clients import ChannelSettings, ForgeRPCError, GeneratorClient, WeightStoreClient
 from forgerpc.clients.retry import NO_RETRY
 from forgerpc.orchestrator.redis_server import free_port
 
@@ -148,12 +150,17 @@ async def model_info(address: str, settings: ChannelSettings):
         return await g.get_model_info(timeout=10)
 
 
+async def latest_stored(address: str, settings: ChannelSettings) -> int:
+    async with WeightStoreClient(address, settings=settings, retry=NO_RETRY) as store:
+        return (await store.get_latest_version(timeout=10)).version.version
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tls", [False, True], ids=["token", "token+mtls"])
+@pytest.mark.parametrize("tls", [False, True], ids=["token", "token+mtls+store"])
 def test_compose_stack_as_processes_passes_a_short_grpo_run(tmp_path, monkeypatch, tls):
     """tls: with compose.tls.yaml on top: the `certs` job first, every service mTLS, and the
     orchestrator's `client:` section reading the FORGERPC_CLIENT_TLS_* variables it sets."""
-    doc = render("cpu", tls=tls)
+    doc = render("cpu", tls=tls, knobs={"FORGERPC_WEIGHT_STORE": "weight-store:50051"} if tls else None)
     project = doc["name"]
     here = Localize(doc, tmp_path)
     procs = Processes(tmp_path / "logs")
@@ -200,7 +207,10 @@ def test_compose_stack_as_processes_passes_a_short_grpo_run(tmp_path, monkeypatc
         # SFT published v1, v2 (steps 3, 6); GRPO publishes after every step: v3, v4, v5.
         assert steps[0]["version"] == 2 and steps[-1]["version"] == 4
         published = sorted(p.name for p in (tmp_path / "volumes" / "weights").iterdir())
-        assert published[-1] == "v00000005", published  # in the `weights` volume the generators mount
+        if tls:  # through the weight store: the shared volume stays empty
+            assert published == [], published
+        else:
+            assert published[-1] == "v00000005", published  # in the `weights` volume the generators mount
 
         # Both replicas serve the last version (the fan-out reached each), and every service ran
         # with the token required: the same call without it is refused.
@@ -208,6 +218,9 @@ def test_compose_stack_as_processes_passes_a_short_grpo_run(tmp_path, monkeypatc
         tls_files = {"tls_ca": env.get("FORGERPC_CLIENT_TLS_CA", ""), "tls_cert": env.get("FORGERPC_CLIENT_TLS_CERT", ""),
                      "tls_key": env.get("FORGERPC_CLIENT_TLS_KEY", "")}
         assert all(tls_files.values()) == tls
+        if tls:
+            store = here.table[f"weight-store:{PORT}"]
+            assert asyncio.run(latest_stored(store, ChannelSettings(token_env="FORGERPC_TOKEN", **tls_files))) == 5
         for address in generators:
             info = asyncio.run(model_info(address, ChannelSettings(token_env="FORGERPC_TOKEN", **tls_files)))
             assert info.policy_version == 5

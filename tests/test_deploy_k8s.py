@@ -19,7 +19,7 @@ import yaml
 from forgerpc.clients.config import load_config
 from forgerpc.orchestrator.cli import _parser
 from forgerpc.orchestrator.config import RunConfig
-from test_deploy_compose import DEPLOY, config_model
+from test_deploy_compose import CALLERS, CLIENT_VARS, DEPLOY, config_model
 
 K8S = DEPLOY / "k8s"
 VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -122,6 +122,39 @@ def test_probes_are_grpc_health_over_mtls(overlay):
                            env["FORGERPC_TLS_KEY"].removeprefix("/certs/")}, workload
         assert next(e for e in c["env"] if e["name"] == "FORGERPC_TOKEN")["valueFrom"]["secretKeyRef"]["name"] == "forgerpc-auth"
     assert services == 6
+
+
+def test_callers_use_the_token_and_their_own_certificate(overlay, monkeypatch):
+    """reward -> sandbox, generator / trainer -> weight store: each caller's `client:` resolves in
+    its pod to the stack token, the CA and its own certificate pair (mounted from forgerpc-tls);
+    the trainer publishes to the weight store the job's stack config names."""
+    _, docs = overlay
+    seen = set()
+    for workload, spec, c in forgerpc_containers(docs):
+        argv = c.get("args") or []
+        if argv[:1] != ["serve"]:
+            continue
+        service = argv[1]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        if service not in CALLERS:
+            assert not set(CLIENT_VARS) & set(env), workload
+            continue
+        for k in CLIENT_VARS:
+            monkeypatch.delenv(k, raising=False)
+        for e in c["env"]:
+            monkeypatch.setenv(e["name"], e.get("value", "from-a-secret"))
+        file = K8S.parent / "configs" / argv[argv.index("--config") + 1].removeprefix("/etc/forgerpc/")
+        cfg = load_config(config_model(service), file)
+        client = cfg.client
+        if service == "trainer":  # pods share no disk: weight versions go through the weight store
+            stack = load_config(RunConfig, K8S.parent / "configs" / "stack-k8s.yaml", ["redis_url=redis://x"])
+            assert cfg.weight_store_address == stack.services["weight_store"].addresses()[0]
+        assert client.token_env == "FORGERPC_TOKEN" and "valueFrom" in next(e for e in c["env"] if e["name"] == "FORGERPC_TOKEN")
+        assert (client.tls_ca, client.tls_cert, client.tls_key) == ("/certs/ca.pem", f"/certs/{service}.pem", f"/certs/{service}.key")
+        mounted = {i["path"] for i in spec_volume(spec, "certs")["secret"]["items"]}
+        assert {"ca.pem", f"{service}.pem", f"{service}.key"} <= mounted, workload
+        seen.add(service)
+    assert seen == set(CALLERS)
 
 
 def test_gpu_only_in_gpu_overlay(overlay):

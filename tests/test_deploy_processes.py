@@ -32,7 +32,8 @@ SUBSET = ("reward", "weight-store", "sandbox", "replay-buffer")
 class Container:
     """One compose service's command as a local process."""
 
-    def __init__(self, doc: dict, name: str, certs_dir: pathlib.Path | None = None):
+    def __init__(self, doc: dict, name: str, certs_dir: pathlib.Path | None = None, extra: tuple[str, ...] = ()):
+        """`extra`: key=value overrides after the compose command's own (a test's local addresses)."""
         service = doc["services"][name]
         source, target = mounted_config(service)
         host_file = doc["configs"][source]["file"]
@@ -46,7 +47,7 @@ class Container:
         self.health = [a.replace("/certs", str(certs_dir)) if certs_dir else a
                        for a in service["healthcheck"]["test"][2:]]
         self.proc = subprocess.Popen(
-            [*FORGERPC, *self.command, "server.host=127.0.0.1", "server.port=0"],
+            [*FORGERPC, *self.command, "server.host=127.0.0.1", "server.port=0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **self.env},
         )
         self.address = self._ready(timeout=90)

@@ -18,23 +18,26 @@ SHORT = ["sft.steps=20", "sft.eval_every=10", "sft.batch_size=16", "grpo.steps=4
          "grpo.rollout_workers=2", "model.hidden_size=32", "model.layers=2"]
 
 
-def _ours() -> set[int]:
+def _ours(run_dir) -> set[int]:
+    """Service processes and the private redis-server of the run in `run_dir` (other test sessions
+    on the machine run their own): services name their config under run_dir/logs, and the private
+    Redis works in run_dir/redis."""
     found = set()
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "cwd"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "forgerpc.services" in cmd or ("redis-server" in cmd and "forgerpc-redis" in cmd):
+        if ("forgerpc.services" in cmd and str(run_dir) in cmd) or (
+                "redis-server" in cmd and str(p.info["cwd"] or "").startswith(str(run_dir))):
             found.add(p.pid)
     return found
 
 
 def _run(run_dir, *overrides):
     return subprocess.run([sys.executable, "-m", "forgerpc.orchestrator", "run", str(ROOT / "configs/grpo_tiny.yaml"),
-                           f"run_dir={run_dir}", *SHORT, *overrides], capture_output=True, text=True, timeout=300)
+                           f"run_dir={run_dir}", "trace_sample_ratio=1", *SHORT, *overrides], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_grpo_run_end_to_end(tmp_path):
-    before = _ours()
     out = _run(tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -52,11 +55,23 @@ def test_grpo_run_end_to_end(tmp_path):
     assert all(r["staleness"] == 0 for r in steps), "max_staleness 0 must train on-policy"
     for name in ("reward.png", "eval_accuracy.png", "loss.png"):
         assert (tmp_path / name).stat().st_size > 1000
-    # Each row is logged before its step's publish: the run ends having published v6.
-    published = sorted(p.name for p in (tmp_path / "published").iterdir())
-    assert published[-1] == "v00000006", published
-    assert any((tmp_path / "traces").glob("*.jsonl")), "spans were exported"
-    assert _ours() - before == set(), "service or Redis processes left behind"
+    # Weights went through the weight store (the config has one), not the trainer's publish dir.
+    assert not (tmp_path / "published").exists()
+    # One rollout's trace crosses processes: orchestrator -> generator, reward, replay buffer.
+    services_of: dict[str, set[str]] = {}
+    linked: set[str] = set()  # traces a training step's span links to (the episodes' rollouts)
+    for f in (tmp_path / "traces").glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            span = json.loads(line)
+            services_of.setdefault(span["context"]["trace_id"], set()).add(f.name.rsplit("-", 1)[0])
+            if span["name"] == "train":
+                linked.update(link["context"]["trace_id"] for link in span.get("links") or ())
+    rollouts = {t for t, s in services_of.items() if {"orchestrator", "generator", "reward", "replay_buffer"} <= s}
+    assert rollouts, sorted(map(sorted, services_of.values()))[:5]
+    # ...and continues across Redis: each training step's span links to the rollouts it trained on.
+    assert linked and linked <= rollouts, (len(linked), len(rollouts))
+    assert (tmp_path / "redis").is_dir(), "the private Redis kept its data in the run directory"
+    assert _ours(tmp_path) == set(), "service or Redis processes left behind"
 
 
 @pytest.mark.slow

@@ -178,3 +178,45 @@ async def test_smollm2_greedy_matches_hf_generate():
         assert "Paris" in outs[0].text
 
     await _run(dict(model_path=str(smollm2_dir())), check)
+
+
+async def test_a_bf16_engine_pulls_a_float32_version_and_a_failed_pull_stops_generation(tmp_path):
+    """The trainer publishes float32; a bfloat16 engine loads it straight into its parameters,
+    cast on the fly. A pull that fails once the engine paused leaves the weights possibly torn:
+    Generate is refused (FAILED_PRECONDITION) until an update succeeds."""
+    import grpc
+
+    from conftest import ServiceProcess
+    from forgerpc.clients import ForgeRPCError, WeightStoreClient
+    from forgerpc.clients.weights import publish
+    from forgerpc.services.common.errors import ServiceError
+    from forgerpc.services.common.models import load_model
+    from forgerpc.services.generator.backends import WeightSource
+
+    new, _ = load_model(make_tiny_model(tmp_path / "new", seed=1, initializer_range=0.1))
+    store = ServiceProcess("weight_store")
+    try:
+        async with WeightStoreClient(store.address) as ws:
+            await publish(ws, new.state_dict(), 3)
+
+            async def check(engine):
+                ids = engine.encode("pull")
+                with pytest.raises(ForgeRPCError) as err:  # never published
+                    await engine.update_weights(1, WeightSource(store=ws), abort=False)
+                assert err.value.code == grpc.StatusCode.NOT_FOUND and engine.version == 0
+                with pytest.raises(ServiceError) as refused:
+                    await engine.generate([("p", ids)], Sampling(max_tokens=4))
+                assert refused.value.reason == "WEIGHTS_INCOMPLETE"
+                assert await engine.update_weights(3, WeightSource(store=ws), abort=False) == 0
+                assert engine.version == 3
+                got = engine.model.state_dict()
+                for name, tensor in new.state_dict().items():
+                    assert got[name].dtype == torch.bfloat16
+                    assert torch.equal(got[name], tensor.to(torch.bfloat16)), name
+                (out,) = await engine.generate([("p", ids)], Sampling(max_tokens=4, ignore_eos=True))
+                assert out.policy_version == 3 and len(out.token_ids) == 4
+
+            await _run(dict(model_path=str(make_tiny_model(tmp_path / "old", initializer_range=0.1)),
+                            dtype="bfloat16"), check)
+    finally:
+        store.stop()

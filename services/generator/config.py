@@ -2,6 +2,10 @@
 
     forgerpc serve generator model_path=~/.cache/forgerpc/SmolLM2-135M-Instruct dtype=bfloat16
     forgerpc serve generator tiny_model=true          # random tiny Llama built at start (tests, demo)
+    forgerpc serve generator tiny_model=true weight_store_address=127.0.0.1:50061
+
+UpdateWeights pulls the version from `weight_store_address` (or the address the request names),
+with `client` (token / TLS) for that call; a request's `local_path` loads a safetensors directory.
 
 An empty `model_path` means `tiny_model: true`, so `generator: {}` in a stack config starts.
 """
@@ -18,7 +22,7 @@ from forgerpc.services.common.runtime import ServiceConfig
 
 class GeneratorConfig(ServiceConfig):
     # "vllm": vLLM's engine (needs the vllm package: the [vllm] extra, or .venv-vllm on CPU)
-    backend: Literal["torch", "vllm"] = "torch"
+    backend: Literal["torch", "vllm", "null"] = "torch"  # "null": fixed tokens, no model (benchmarks)
     # HF-format directory (config.json, safetensors, tokenizer files) on local disk
     model_path: str = ""
     # build a random-initialized tiny model of `tiny_arch` into a temp dir at start
@@ -34,6 +38,8 @@ class GeneratorConfig(ServiceConfig):
     max_n: int = Field(default=16, gt=0)
     # context window; 0 = the model's max_position_embeddings
     max_model_len: int = Field(default=0, ge=0)
+    # weight store ("host:port") UpdateWeights pulls from when the request names none; "" = none
+    weight_store_address: str = ""
     # intra-op threads for torch; 0 = torch's default. On a CPU shared with other processes, 1 can
     # be faster: multi-threaded GEMMs stall when a sibling thread is descheduled
     torch_threads: int = Field(default=0, ge=0)

@@ -1,12 +1,16 @@
 """The GeneratorService servicer: validates requests at the edge and maps them to a backend.
 
     Generate       prompts (text | token ids | chat messages) x SamplingParams -> completions
-    UpdateWeights  pause admission, drain (or abort) running sequences, swap weights, resume
+    UpdateWeights  pull a version (weight store, or local_path), pause admission, drain (or
+                   abort) running sequences, swap weights, resume
     Tokenize       prompt ids exactly as Generate sees them; plain texts without special tokens
     GetModelInfo   model, version, context window, load, engine step counter
 
 Every field a caller can get wrong is checked here, so a backend only sees valid input and the
-caller gets INVALID_ARGUMENT naming the field (e.g. "prompts[2].token_ids[5]").
+caller gets INVALID_ARGUMENT naming the field (e.g. "prompts[2].token_ids[5]"). UpdateWeights'
+rules live here too: updates run one at a time, an older version than the loaded one is
+FAILED_PRECONDITION, the same version is a no-op, and the new tensors' names and shapes must be
+the model's; a backend only pauses, swaps and resumes.
 
 Completion semantics (all backends): token_ids include a stop/EOS token that ended the sample,
 text does not (and is cut before a stop string); logprobs are those of the distribution the
@@ -17,15 +21,21 @@ that generated every token of the completion.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import pathlib
 import shutil
 import tempfile
+import time
 
-from forgerpc.services.common.errors import invalid_argument, require
+from forgerpc.clients import ForgeRPCError, WeightStoreClient
+from forgerpc.services.common.errors import ServiceError, failed_precondition, invalid_argument, require
 from forgerpc.services.common.models import check_model_dir, make_tiny_model
 from forgerpc.services.common.runtime import ServiceDefinition
-from forgerpc.services.generator.backends import FINISH_ABORTED, FINISH_LENGTH, FINISH_STOP, Backend, Sampling
+from forgerpc.services.generator.backends import (
+    FINISH_ABORTED, FINISH_LENGTH, FINISH_STOP, Backend, Sampling, WeightSource, read_shapes, safetensors_files,
+)
 from forgerpc.services.generator.config import GeneratorConfig
 from forgerpc.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
@@ -42,6 +52,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def __init__(self, cfg: GeneratorConfig, backend: Backend):
         self.cfg = cfg
         self.backend = backend
+        self._update_lock = asyncio.Lock()
 
     async def Generate(self, request: generator_pb2.GenerateRequest, context) -> generator_pb2.GenerateResponse:
         require(len(request.prompts) > 0, "prompts", "must hold at least one prompt")
@@ -110,12 +121,66 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return ids
 
     async def UpdateWeights(self, request: generator_pb2.UpdateWeightsRequest, context):
+        """Version rules and source checks here; the backend pauses, drains or aborts, and swaps.
+
+        Source: `local_path` if set, else the weight store at `weight_store_address` (request,
+        then config). Names and shapes are checked before the backend pauses anything, so a bad
+        path or an unknown version (NOT_FOUND, from the store) never stops generation.
+        """
         require(request.version >= 0, "version", f"must be >= 0, got {request.version}")
+        address = request.weight_store_address or self.cfg.weight_store_address
+        require(bool(request.local_path or address), "weight_store_address",
+                "no weight store configured: set weight_store_address (request or generator config) "
+                "or local_path (a safetensors directory)")
         abort = request.in_flight_policy == generator_pb2.IN_FLIGHT_POLICY_ABORT
-        seconds, aborted = await self.backend.update_weights(
-            request.version, request.local_path, request.weight_store_address, abort)
-        return generator_pb2.UpdateWeightsResponse(version=self.backend.version, seconds=seconds,
-                                                   aborted_requests=aborted)
+        async with self._update_lock:  # serialized: each update sees the version the previous one left
+            current = self.backend.version
+            if request.version < current:
+                raise failed_precondition("VERSION_TOO_OLD", f"version {request.version} is older than the "
+                                          f"loaded version {current}", current_version=str(current))
+            if request.version == current:
+                return generator_pb2.UpdateWeightsResponse(version=current)
+            start = time.perf_counter()
+            if request.local_path:
+                aborted = await self._update_from_files(request.version, request.local_path, abort)
+            else:
+                aborted = await self._update_from_store(request.version, address, abort)
+            return generator_pb2.UpdateWeightsResponse(version=self.backend.version, aborted_requests=aborted,
+                                                       seconds=time.perf_counter() - start)
+
+    async def _update_from_files(self, version: int, local_path: str, abort: bool) -> int:
+        files = safetensors_files(local_path)
+        require(bool(files), "local_path", f"no *.safetensors file at {pathlib.Path(local_path).expanduser()}")
+        self._check_shapes(await asyncio.to_thread(read_shapes, files), "local_path")
+        return await self.backend.update_weights(version, WeightSource(files=tuple(files)), abort)
+
+    async def _update_from_store(self, version: int, address: str, abort: bool) -> int:
+        store = WeightStoreClient(address, settings=self.cfg.client.settings())
+        try:
+            manifest = (await store.get_manifest(version=version)).manifest
+            self._check_shapes({t.name: tuple(t.shape) for t in manifest.tensors}, "version",
+                               f"version {version} in the weight store at {address}")
+            source = WeightSource(store=store, client=self.cfg.client.model_dump())
+            return await self.backend.update_weights(version, source, abort)
+        except ForgeRPCError as e:  # the store's status, e.g. NOT_FOUND for an unknown version, goes on as is
+            raise ServiceError(e.code, e.reason, f"weight store at {address}: {e.message}",
+                               **{**e.details, "weight_store_address": address}) from None
+        finally:
+            await store.close()
+
+    def _check_shapes(self, shapes: dict[str, tuple[int, ...]], field: str, what: str = "") -> None:
+        """The new tensors must be exactly the model's (a tied lm_head may be there or not)."""
+        want, tied = self.backend.info.shapes, self.backend.info.tied
+        what = f"{what}: " if what else ""
+        for name, shape in shapes.items():
+            if name in tied:
+                continue
+            require(name in want, field, f"{what}tensor {name!r} is not a parameter of the loaded model")
+            require(shape == want[name], field,
+                    f"{what}tensor {name!r} has shape {shape}, the model expects {want[name]}")
+        missing = [n for n in want if n not in shapes]
+        if missing:
+            raise invalid_argument(field, f"{what}{len(missing)} parameters missing, e.g. {missing[0]!r}")
 
     async def Tokenize(self, request: generator_pb2.TokenizeRequest, context) -> generator_pb2.TokenizeResponse:
         require(len(request.prompts) + len(request.texts) > 0, "prompts", "set at least one prompt or text")
@@ -143,6 +208,10 @@ def build_backend(cfg: GeneratorConfig) -> tuple[Backend, str | None]:
     Raises:
         ModelNotFoundError: model_path does not exist or lacks config.json (names the path).
     """
+    if cfg.backend == "null":  # no model: loads only the tokenizer of model_path, if any
+        from forgerpc.services.generator.backends.null_backend import NullBackend
+
+        return NullBackend(cfg.model_path, cfg.max_model_len), None
     tmp = None
     if cfg.torch_threads:
         import torch

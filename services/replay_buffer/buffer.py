@@ -97,17 +97,25 @@ class ReplayBuffer:
         except (RedisError, OSError) as e:
             await self.redis.aclose()
             raise ConfigError(f"cannot reach Redis at {redact(self.cfg.redis.url)} (key 'redis.url'): {e}") from None
-        await self._ensure_group()
-        await self._rebuild()
+        if await self._ensure_group():  # no stream yet: nothing pending to take over
+            await self._rebuild()
         self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._expire_loop())]
 
-    async def _ensure_group(self) -> None:
-        """Creates the consumer group at id 0, so entries added before it existed are read too."""
+    async def _ensure_group(self) -> bool:
+        """Creates the consumer group at id 0, so entries added before it existed are read too.
+
+        Only once the stream exists (the first XADD makes it): no MKSTREAM, so a buffer that is
+        started and stopped without episodes (health checks, `forgerpc up`) leaves no key behind in
+        a shared Redis. Returns whether the group exists now.
+        """
         try:
-            await self.redis.xgroup_create(self.keys.stream, self.cfg.consumer_group, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.keys.stream, self.cfg.consumer_group, id="0")
         except ResponseError as e:
+            if "requires the key to exist" in str(e):
+                return False
             if "BUSYGROUP" not in str(e):
                 raise
+        return True
 
     async def close(self) -> None:
         # Loops stop at their next turn (a blocked XREADGROUP returns within read_block_ms);
@@ -163,15 +171,17 @@ class ReplayBuffer:
     async def _read_loop(self) -> None:
         """XREADGROUP new entries while the window has room. After a Redis error, first re-reads
         our own pending list (id 0 onwards): entries delivered to us but never ingested."""
-        cfg, pause, position, need_group = self.cfg, 0.05, ">", False
+        cfg, pause, position, need_group = self.cfg, 0.05, ">", True
         while not self._stopping.is_set():
             space = cfg.window_size - len(self.window)
             if space <= 0 and position == ">":
                 await asyncio.sleep(0.005)  # full: the stream (and so the producers) back up
                 continue
             try:
-                if need_group:  # the stream was deleted under us (e.g. FLUSHALL): start it again
-                    await self._ensure_group()
+                if need_group:  # no stream yet, or it was deleted under us (e.g. FLUSHALL)
+                    if not await self._ensure_group():
+                        await asyncio.sleep(cfg.read_block_ms / 1000)  # until a producer's XADD
+                        continue
                     need_group = False
                 count = min(cfg.read_count, space) if position == ">" else 1000
                 out = await self.redis.xreadgroup(cfg.consumer_group, cfg.consumer_name, {self.keys.stream: position},
@@ -370,7 +380,12 @@ class ReplayBuffer:
             pipe.xlen(keys.stream)
             pipe.xpending(keys.stream, self.cfg.consumer_group)
             pipe.hgetall(keys.stats)
-            length, pending, counters = await pipe.execute()
+            length, pending, counters = await pipe.execute(raise_on_error=False)
+        if isinstance(pending, ResponseError) and "NOGROUP" in str(pending):
+            pending = {"pending": 0}  # no episode yet, so no stream and no group
+        for reply in (length, pending, counters):
+            if isinstance(reply, Exception):
+                raise reply
         counters = {k.decode(): float(v) for k, v in counters.items()}
         oldest = 0.0
         if pending["pending"]:

@@ -10,6 +10,8 @@
       - {kind: python, options: {path: "mypkg.rewards:score"}}  # see reward/user.py
       - {kind: reward_model, options: {path: /models/rm}}       # see reward/model.py
     sandbox_address: 127.0.0.1:50061
+    # How code_tests reaches that sandbox when it requires a token / (m)TLS (ServiceConfig.client):
+    client: {token_env: FORGERPC_TOKEN, tls_ca: certs/ca.pem, tls_cert: certs/reward.pem, tls_key: certs/reward.key}
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from forgerpc.clients.config import Config
 from forgerpc.services.common.runtime import ServiceConfig
 
 Kind = Literal["exact_match", "normalized_match", "numeric_match", "format_tags", "regex_match",
-               "length_penalty", "math_equiv", "code_tests", "python", "reward_model"]
+               "length_penalty", "math_equiv", "code_tests", "python", "reward_model", "constant"]
 
 
 class FunctionConfig(Config):
@@ -38,7 +40,7 @@ class RewardConfig(ServiceConfig):
     )
     item_timeout_seconds: float = Field(default=10.0, gt=0)
     max_batch_items: int = Field(default=4096, gt=0)
-    # The SandboxService that code_tests runs code in (host:port).
+    # The SandboxService that code_tests runs code in (host:port), called with `client` (token, TLS).
     sandbox_address: str = ""
     # Threads for synchronous reward functions; one that overruns its deadline keeps its thread
     # until it returns, so keep headroom above the number of items scored at once.

@@ -34,7 +34,7 @@ def _build(i: int, f: FunctionConfig, cfg: RewardConfig):
     """(callable(item), is_async) for one configured function; ConfigError names the key."""
     try:
         if f.kind == "code_tests":
-            fn = CodeTests(cfg.sandbox_address, **f.options)
+            fn = CodeTests(cfg.sandbox_address, **f.options, settings=cfg.client.settings())
             return fn, True
         if f.kind == "python":
             fn = UserFunction(**f.options)
@@ -50,6 +50,21 @@ def _build(i: int, f: FunctionConfig, cfg: RewardConfig):
         raise ConfigError(f"key 'functions.{i}.options': {e} for kind {f.kind}") from None
 
 
+# Built-ins whose cost is linear in the text and tiny (microseconds): they run on the event loop.
+# A thread hand-off costs ~50 us per item, more than the function; the per-item timeout cannot
+# interrupt them, which is fine for these (regex_match can backtrack for seconds: it gets a thread).
+INLINE = frozenset({"exact_match", "normalized_match", "numeric_match", "format_tags", "length_penalty", "constant"})
+
+
+def _inline(fn, item) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    try:
+        future.set_result(fn(item))
+    except Exception as e:  # noqa: BLE001 - reported per item like a thread's failure
+        future.set_exception(e)
+    return future
+
+
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
@@ -57,7 +72,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.functions = []
         for i, f in enumerate(cfg.functions):
             fn, is_async = _build(i, f, cfg)
-            self.functions.append((f.name or f.kind, f.weight, fn, is_async))
+            mode = "async" if is_async else "inline" if f.kind in INLINE else "thread"
+            self.functions.append((f.name or f.kind, f.weight, fn, mode))
 
     async def Evaluate(self, request: reward_pb2.EvaluateRequest, context) -> reward_pb2.EvaluateResponse:
         require(len(request.items) > 0, "items", "must hold at least one item")
@@ -70,14 +86,16 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         scores = await asyncio.gather(*(self._score(item, timeout) for item in request.items))
         return reward_pb2.EvaluateResponse(scores=scores)
 
-    def _start(self, fn, is_async: bool, item) -> asyncio.Future:
-        if is_async:
+    def _start(self, fn, mode: str, item) -> asyncio.Future:
+        if mode == "async":
             return asyncio.ensure_future(fn(item))
+        if mode == "inline":
+            return _inline(fn, item)
         return asyncio.get_running_loop().run_in_executor(self.threads, fn, item)
 
     async def _score(self, item: reward_pb2.RewardItem, timeout: float) -> reward_pb2.RewardScore:
         start = time.monotonic()
-        futures = [self._start(fn, is_async, item) for _, _, fn, is_async in self.functions]
+        futures = [self._start(fn, mode, item) for _, _, fn, mode in self.functions]
         try:
             done, pending = await asyncio.wait(futures, timeout=timeout)
         except asyncio.CancelledError:  # the caller went away: stop sandbox runs it started

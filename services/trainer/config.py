@@ -3,16 +3,19 @@
     forgerpc serve trainer tiny_model=true                          # demo / tests: a tiny random Llama
     forgerpc serve trainer model_path=~/.cache/forgerpc/SmolLM2-135M-Instruct loss.kind=dapo optim.lr=1e-6
 
+    forgerpc serve trainer weight_store_address=127.0.0.1:50061 replay_buffer_address=127.0.0.1:50062
+
 Keys: `model_path` (HF directory) or `tiny_model: true`; `loss` (which GRPO-family objective and its
 clip range, beta, TIS); `optim` (AdamW, warmup + cosine, grad clipping); `micro_batch_size` (gradient
-accumulation: a step never holds more than one micro-batch of activations); checkpoint and publish dirs.
+accumulation: a step never holds more than one micro-batch of activations); `sft` (sequence packing);
+checkpoint and publish dirs; the weight store and replay buffer this trainer talks to (empty = none).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from forgerpc.clients.config import Config
 from forgerpc.services.common.runtime import ServiceConfig
@@ -49,8 +52,18 @@ class OptimConfig(Config):
     max_grad_norm: float = Field(default=1.0, gt=0)
 
 
+class SFTConfig(Config):
+    """SFT batching. Packing concatenates episodes into rows of `pack_length` tokens, each episode
+    with positions restarting at 0 and attention confined to itself; `micro_batch_size` then counts
+    rows. Same loss as unpacked (tests/test_trainer_packing.py), without the padding."""
+
+    packing: bool = False
+    pack_length: int = Field(default=2048, gt=1)  # tokens per row; a longer episode is INVALID_ARGUMENT
+
+
 class TrainerConfig(ServiceConfig):
-    backend: Literal["torch"] = "torch"  # "titan" needs a GPU (issue #7 device check)
+    # A key of backends.BACKENDS: "torch" (CPU/GPU); "titan" needs a GPU (issue #7 device check).
+    backend: str = "torch"
     model_path: str = ""  # empty: a tiny random model (as tiny_model=true), so `forgerpc serve trainer` runs
     tiny_model: bool = False  # build a tiny random model at start (demos, tests); ignores model_path
     tiny_arch: Literal["llama", "qwen2", "qwen3"] = "llama"
@@ -65,5 +78,34 @@ class TrainerConfig(ServiceConfig):
     max_batch_episodes: int = Field(default=4096, gt=0)
     checkpoint_dir: str = "~/.cache/forgerpc/trainer/checkpoints"
     keep_checkpoints: int = Field(default=3, gt=0)
+    sft: SFTConfig = SFTConfig()
     publish_dir: str = "~/.cache/forgerpc/trainer/published"
     producer: str = "trainer-0"
+    # "host:port" of the weight store: PublishWeights uploads there (location = this address);
+    # empty: PublishWeights writes an HF directory under publish_dir (location = that directory).
+    weight_store_address: str = ""
+    # Dtype of floating-point weights in the store. "auto": bfloat16 on CUDA (the trainer computes
+    # in bf16 autocast and GPU generators serve bf16, so half the bytes lose nothing they would keep),
+    # float32 elsewhere (the CPU generator computes in fp32; rounding weights to bf16 would add a
+    # trainer/generator logprob mismatch that every importance ratio then carries).
+    publish_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # "host:port" of the replay buffer for TrainStep(from_buffer=...); empty: episodes come inline.
+    replay_buffer_address: str = ""
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from forgerpc.services.trainer.backends import BACKENDS
+
+        if v not in BACKENDS:
+            raise ValueError(f"unknown trainer backend {v!r}; one of: {', '.join(sorted(BACKENDS))}")
+        return v
+
+    def torch_publish_dtype(self):
+        """The torch dtype PublishWeights casts floating-point weights to (see publish_dtype)."""
+        import torch
+
+        name = self.publish_dtype
+        if name == "auto":
+            name = "bfloat16" if self.device.startswith("cuda") else "float32"
+        return getattr(torch, name)

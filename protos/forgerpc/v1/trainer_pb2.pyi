@@ -18,19 +18,29 @@ OBJECTIVE_POLICY_GRADIENT: Objective
 OBJECTIVE_SFT: Objective
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("episodes", "batch_id", "objective", "learning_rate")
+    __slots__ = ("episodes", "objective", "learning_rate", "from_buffer")
     EPISODES_FIELD_NUMBER: _ClassVar[int]
-    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    FROM_BUFFER_FIELD_NUMBER: _ClassVar[int]
     episodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Episode]
-    batch_id: str
     objective: Objective
     learning_rate: float
-    def __init__(self, episodes: _Optional[_Iterable[_Union[_common_pb2.Episode, _Mapping]]] = ..., batch_id: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+    from_buffer: BufferSample
+    def __init__(self, episodes: _Optional[_Iterable[_Union[_common_pb2.Episode, _Mapping]]] = ..., objective: _Optional[_Union[Objective, str]] = ..., learning_rate: _Optional[float] = ..., from_buffer: _Optional[_Union[BufferSample, _Mapping]] = ...) -> None: ...
+
+class BufferSample(_message.Message):
+    __slots__ = ("batch_size", "whole_groups", "wait_seconds")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    whole_groups: bool
+    wait_seconds: float
+    def __init__(self, batch_size: _Optional[int] = ..., whole_groups: _Optional[bool] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
-    __slots__ = ("step", "loss", "grad_norm", "learning_rate", "tokens", "kl", "clip_fraction", "entropy", "step_seconds", "skipped", "skip_reason")
+    __slots__ = ("step", "loss", "grad_norm", "learning_rate", "tokens", "kl", "clip_fraction", "entropy", "step_seconds", "skipped", "skip_reason", "batch_id", "episodes", "groups")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +52,9 @@ class TrainStepResponse(_message.Message):
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     SKIP_REASON_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     grad_norm: float
@@ -53,7 +66,10 @@ class TrainStepResponse(_message.Message):
     step_seconds: float
     skipped: bool
     skip_reason: str
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens: _Optional[int] = ..., kl: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., entropy: _Optional[float] = ..., step_seconds: _Optional[float] = ..., skipped: _Optional[bool] = ..., skip_reason: _Optional[str] = ...) -> None: ...
+    batch_id: str
+    episodes: int
+    groups: int
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens: _Optional[int] = ..., kl: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., entropy: _Optional[float] = ..., step_seconds: _Optional[float] = ..., skipped: _Optional[bool] = ..., skip_reason: _Optional[str] = ..., batch_id: _Optional[str] = ..., episodes: _Optional[int] = ..., groups: _Optional[int] = ...) -> None: ...
 
 class PublishWeightsRequest(_message.Message):
     __slots__ = ("version",)

@@ -67,7 +67,8 @@ class TrainerServiceServicer:
     """
 
     def TrainStep(self, request, context):
-        """Runs one optimizer step on a batch (inline episodes or a replay-buffer batch id).
+        """Runs one optimizer step on a batch: inline episodes, or one the trainer samples from its
+        replay buffer and acks after the step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -8,8 +8,11 @@ One asyncio task (the engine loop) owns the batch. Each iteration is one engine 
 
 so requests that arrive while a batch runs join at the next step. The forward passes run in one
 worker thread, so the gRPC event loop stays responsive. Weight updates pause admission, let the
-running sequences finish (or abort them), copy the new tensors into the model in place and
-resume; every completion carries the version that generated all of its tokens.
+running sequences finish (or abort them), write the new tensors into the model in place (from
+safetensors files, or pulled from the weight store straight into the parameters) and resume;
+every completion carries the version that generated all of its tokens. A pull that fails midway
+leaves the weights partly written: Generate then answers FAILED_PRECONDITION (WEIGHTS_INCOMPLETE)
+until an update succeeds, rather than sample from a mix of two versions.
 """
 
 from __future__ import annotations
@@ -19,18 +22,15 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
-import pathlib
 import time
 
 import grpc
 import torch
 
-from forgerpc.services.common.errors import (
-    ServiceError, failed_precondition, invalid_argument, resource_exhausted,
-)
+from forgerpc.services.common.errors import ServiceError, failed_precondition, resource_exhausted
 from forgerpc.services.common.models import load_model
 from forgerpc.services.generator.backends import (
-    FINISH_ABORTED, FINISH_LENGTH, FINISH_STOP, ModelInfo, Output, Sampling,
+    FINISH_ABORTED, FINISH_LENGTH, FINISH_STOP, ModelInfo, Output, Sampling, WeightSource,
 )
 from forgerpc.services.generator.backends.torch_forward import SlotKVForward
 from forgerpc.services.generator.backends.torch_sampling import BatchParams, sample
@@ -86,8 +86,12 @@ class TorchEngine:
         eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        # a tied lm_head is the embedding: an update may carry it or not, and it is never written
+        tied = frozenset({"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else ())
+        shapes = {n: tuple(t.shape) for n, t in self.model.state_dict().items() if n not in tied}
         self.info = ModelInfo(model=str(model_path), backend="torch", max_model_len=self.max_model_len,
-                              vocab_size=config.vocab_size, eos_token_ids=tuple(sorted(eos)))
+                              vocab_size=config.vocab_size, eos_token_ids=tuple(sorted(eos)), shapes=shapes,
+                              tied=tied)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.forward = SlotKVForward(self.model, max_batch_size, self.max_model_len)
@@ -108,7 +112,7 @@ class TorchEngine:
         self._idle = asyncio.Event()
         self._paused = False
         self._abort = False
-        self._update_lock = asyncio.Lock()
+        self._torn: str | None = None  # why the weights are partly written, after a failed pull
         self._task: asyncio.Task | None = None
 
     # -- public interface ------------------------------------------------------------------
@@ -134,6 +138,8 @@ class TorchEngine:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def generate(self, prompts: list[tuple[str, list[int]]], sampling: Sampling) -> list[Output]:
+        if self._torn is not None:
+            raise self._torn_error()
         total = len(prompts) * sampling.n
         if self._waiting_seqs + total > self.max_queue:
             raise resource_exhausted("QUEUE_FULL", f"generator queue is full ({self._waiting_seqs} sequences "
@@ -151,74 +157,75 @@ class TorchEngine:
             self._inflight -= 1
         return [out for outs in results for out in outs]
 
-    async def update_weights(self, version: int, local_path: str, weight_store_address: str,
-                             abort: bool) -> tuple[float, int]:
-        async with self._update_lock:  # updates are serialized
-            if version < self.version:
-                raise failed_precondition("VERSION_TOO_OLD", f"version {version} is older than the loaded "
-                                          f"version {self.version}", current_version=str(self.version))
-            if version == self.version:
-                return 0.0, 0
-            start = time.perf_counter()
-            # read and check the tensors before pausing, so generation stops only for the copy
-            if local_path:
-                state = await asyncio.to_thread(self._read_local, local_path)
-            else:
-                state = await self._pull_from_weight_store(weight_store_address, version)
-            aborted_before = self._aborted_requests
-            self._paused, self._abort = True, abort
-            self._idle.clear()
-            self._wake.set()
-            try:
-                await self._idle.wait()  # the loop sets it once no sequence runs
+    async def update_weights(self, version: int, source: WeightSource, abort: bool) -> int:
+        # local files are read before pausing, so generation stops only for the copy; a store
+        # version is pulled straight into the parameters (no second copy of the model), so
+        # generation stops for the transfer
+        state = await asyncio.to_thread(self._read_files, source.files) if source.files else None
+        aborted_before = self._aborted_requests
+        self._paused, self._abort = True, abort
+        self._idle.clear()
+        self._wake.set()
+        pulling = False
+        try:
+            await self._idle.wait()  # the loop sets it once no sequence runs
+            if state is not None:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._swap, state)
-                self.version = version
-            finally:
-                self._paused = self._abort = False
-                self._wake.set()
-            return time.perf_counter() - start, self._aborted_requests - aborted_before
+            else:
+                pulling = True
+                await self._pull(source.store, version)
+            self.version, self._torn = version, None
+        except BaseException as e:  # cancellation too: the caller's deadline can cut a pull short
+            if pulling:  # a pull that failed midway may have overwritten some parameters
+                self._torn = f"loading version {version} failed midway ({type(e).__name__})"
+                self._fail_waiting()
+            raise
+        finally:
+            self._abort = False
+            self._paused = self._torn is not None
+            self._wake.set()
+        return self._aborted_requests - aborted_before
 
     # -- weights ---------------------------------------------------------------------------
 
-    async def _pull_from_weight_store(self, address: str, version: int) -> dict[str, torch.Tensor]:
-        """Hook for the weight store (issue #4): fetch `version` as {name: tensor}.
+    def _targets(self) -> dict[str, torch.Tensor]:
+        """The model's tensors an update writes, by HF name (state_dict shares their storage)."""
+        return {n: t for n, t in self.model.state_dict().items() if n not in self.info.tied}
 
-        Until clients/weights.py lands, callers pass `local_path` instead.
-        """
-        raise failed_precondition("WEIGHT_STORE_NOT_CONNECTED",
-                                  "pulling weights from the weight store is not wired yet; pass local_path "
-                                  "(a safetensors directory)", weight_store_address=address)
+    async def _pull(self, store, version: int) -> None:
+        from forgerpc.clients.weights import load_into
 
-    def _read_local(self, local_path: str) -> dict[str, torch.Tensor]:
-        """Loads every *.safetensors under `local_path` and checks names and shapes against the model."""
+        tied = self.info.tied
+        await load_into(store, self._targets(), version, name_map=lambda n: None if n in tied else n)
+
+    def _read_files(self, files) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        path = pathlib.Path(local_path).expanduser()
-        files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
-        if not files:
-            raise invalid_argument("local_path", f"no *.safetensors file at {path}")
         state: dict[str, torch.Tensor] = {}
         for f in files:
             state.update(load_file(str(f)))
-        target = self.model.state_dict()
-        for name, tensor in state.items():
-            if name not in target:
-                raise invalid_argument("local_path", f"tensor {name!r} is not a parameter of the loaded model")
-            if tuple(tensor.shape) != tuple(target[name].shape):
-                raise invalid_argument("local_path", f"tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                       f"the model expects {tuple(target[name].shape)}")
-        tied = getattr(self.model.config, "tie_word_embeddings", False)
-        missing = [n for n in target if n not in state and not (tied and n == "lm_head.weight")]
-        if missing:
-            raise invalid_argument("local_path", f"{len(missing)} parameters missing, e.g. {missing[0]!r}")
         return state
 
     @torch.inference_mode()
     def _swap(self, state: dict[str, torch.Tensor]) -> None:
-        target = self.model.state_dict()  # shares storage with the parameters: copy_ updates them
+        target = self._targets()
         for name, tensor in state.items():
-            target[name].copy_(tensor)
+            if name in target:  # the server checked the names; tied ones are skipped
+                target[name].copy_(tensor)
         # nothing runs now, so the cache holds nothing live; the slots are simply reused
+
+    def _fail_waiting(self) -> None:
+        """Fails the queued requests: the weights are torn, so none of them may run."""
+        error = self._torn_error()
+        while self._waiting:
+            group = self._waiting.popleft()
+            self._waiting_seqs -= group.sampling.n
+            if not group.future.done():
+                group.future.set_exception(error)
+
+    def _torn_error(self) -> ServiceError:
+        return failed_precondition("WEIGHTS_INCOMPLETE", f"{self._torn}: the weights are partly written, so "
+                                   "generation is stopped until an UpdateWeights succeeds")
 
     # -- the engine loop -------------------------------------------------------------------
 

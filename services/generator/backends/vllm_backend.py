@@ -7,9 +7,10 @@ vLLM's and adds what the RL loop needs on top:
 
     Generate       one vLLM request per prompt (SamplingParams.n samples share its prefill),
                    FINAL_ONLY outputs, logprob of each sampled token (logprobs=0)
-    UpdateWeights  close the admission gate -> drain (or abort) the requests that passed it ->
-                   collective_rpc("forgerpc_load_weights", files) in the worker -> reset the
-                   prefix cache -> version += -> open the gate
+    UpdateWeights  (store: the worker pulls the version into CPU tensors first) -> close the
+                   admission gate -> drain (or abort) the requests that passed it ->
+                   collective_rpc("forgerpc_load_weights", files | staged) in the worker: vLLM's
+                   reload path -> reset the prefix cache -> stamp the version -> open the gate
 
 A request reads the version when it passes the gate and no weight swap happens while any request
 that passed the gate is in the engine, so every completion carries the version of the weights
@@ -31,12 +32,15 @@ import dataclasses
 import itertools
 import logging
 import os
-import pathlib
 import time
 
-from forgerpc.services.common.errors import failed_precondition, invalid_argument, resource_exhausted
+import grpc
+
+from forgerpc.clients import ForgeRPCError
+from forgerpc.services.common.errors import invalid_argument, resource_exhausted
 from forgerpc.services.generator.backends import (
-    FINISH_ABORTED, FINISH_LENGTH, FINISH_STOP, ModelInfo, Output, Sampling,
+    FINISH_ABORTED, FINISH_LENGTH, FINISH_STOP, ModelInfo, Output, Sampling, WeightSource, read_shapes,
+    safetensors_files,
 )
 
 log = logging.getLogger("forgerpc.generator.vllm")
@@ -51,8 +55,49 @@ class WeightLoaderExtension:
     `self` is the vLLM worker: `self.model_runner.model` is the vLLM model.
     """
 
-    def forgerpc_load_weights(self, files: list[str]) -> int:
-        """Loads HF-named tensors from safetensors `files` into the running model, in place.
+    def forgerpc_pull_weights(self, address: str, client: dict, version: int, dtype: str,
+                              shapes: dict[str, list[int]], tied: list[str]) -> list[str] | None:
+        """Pulls `version` from the weight store at `address` into CPU tensors of `shapes` (HF
+        names, cast to `dtype` on the fly), kept for `forgerpc_load_weights(staged=True)`.
+
+        The worker pulls for itself because collective_rpc cannot carry tensors (its arguments
+        are msgpack-decoded without type hints, so a tensor arrives as a bare tuple); this way the
+        version also comes straight out of the store's shared memory on the same host.
+
+        Returns:
+            None, or [status code name, reason, message] of the store's error (an exception
+            would reach the server only as text).
+        """
+        import concurrent.futures
+
+        import torch
+
+        from forgerpc.clients import ForgeRPCError, WeightStoreClient
+        from forgerpc.clients.config import ClientConfig
+        from forgerpc.clients.weights import load_into
+
+        tensors = {n: torch.empty(s, dtype=getattr(torch, dtype)) for n, s in shapes.items()}
+        skip = set(tied)
+
+        async def pull():
+            store = WeightStoreClient(address, settings=ClientConfig(**client).settings())
+            try:
+                await load_into(store, tensors, version, name_map=lambda n: None if n in skip else n)
+            finally:
+                await store.close()
+
+        self.forgerpc_staged = None
+        try:  # in a thread of its own: asyncio.run must not meet a loop the worker may be running
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(asyncio.run, pull()).result()
+        except ForgeRPCError as e:
+            return [e.code.name, e.reason, e.message]
+        self.forgerpc_staged = tensors
+        return None
+
+    def forgerpc_load_weights(self, files: list[str] | None = None, staged: bool = False) -> int:
+        """Loads HF-named tensors, from safetensors `files` or those `forgerpc_pull_weights`
+        staged, into the running model, in place.
 
         Goes through `model_runner.reload_weights`, vLLM's own reload path: it wraps
         `model.load_weights([(name, tensor), ...])` (which maps HF names onto vLLM's fused
@@ -67,7 +112,9 @@ class WeightLoaderExtension:
         from safetensors.torch import load_file
 
         state = {}
-        for f in files:
+        if staged:
+            state, self.forgerpc_staged = self.forgerpc_staged, None
+        for f in files or ():
             state.update(load_file(f))
         self.model_runner.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
         model = self.model_runner.model
@@ -97,23 +144,6 @@ def _step_counter_factory(counter: list[int]):
     return StepCounter
 
 
-def safetensors_files(path: str | pathlib.Path) -> list[pathlib.Path]:
-    path = pathlib.Path(path).expanduser()
-    return [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
-
-
-def read_shapes(files: list[pathlib.Path]) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} from safetensors headers, without reading the tensors."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
-
-
 class VLLMBackend:
     """Backend "vllm" (see backends.Backend)."""
 
@@ -137,11 +167,14 @@ class VLLMBackend:
             pass
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        # names and shapes an update must match: HF names, as in the model directory; a tied
+        # lm_head is the embedding, so an update may carry it or not
+        tied = frozenset({"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else ())
+        shapes = {n: s for n, s in read_shapes(safetensors_files(model_path)).items() if n not in tied}
         self.info = ModelInfo(model=str(model_path), backend="vllm", max_model_len=self.max_model_len,
-                              vocab_size=config.vocab_size, eos_token_ids=tuple(sorted(eos)))
-        # names and shapes an update must match (HF names, as in the model directory)
-        self._shapes = read_shapes(safetensors_files(model_path))
-        self._tied = bool(getattr(config, "tie_word_embeddings", False))
+                              vocab_size=config.vocab_size, eos_token_ids=tuple(sorted(eos)), shapes=shapes,
+                              tied=tied)
+        self._dtype = dtype
         self.max_queue = max_queue
         self.version = 0
         self.generated_tokens = 0
@@ -154,7 +187,6 @@ class VLLMBackend:
         self._idle.set()
         self._open = asyncio.Event()  # the admission gate; cleared during a weight swap
         self._open.set()
-        self._update_lock = asyncio.Lock()
         args = AsyncEngineArgs(
             model=str(model_path), tokenizer=str(model_path), dtype=dtype, max_model_len=self.max_model_len,
             max_num_seqs=max_batch_size, enforce_eager=True, seed=seed,
@@ -221,55 +253,37 @@ class VLLMBackend:
             self._calls -= 1
         return [out for outs in results for out in outs]
 
-    async def update_weights(self, version: int, local_path: str, weight_store_address: str,
-                             abort: bool) -> tuple[float, int]:
-        async with self._update_lock:  # updates are serialized
-            if version < self.version:
-                raise failed_precondition("VERSION_TOO_OLD", f"version {version} is older than the loaded "
-                                          f"version {self.version}", current_version=str(self.version))
-            if version == self.version:
-                return 0.0, 0
-            if not local_path:
-                raise failed_precondition("WEIGHT_STORE_NOT_CONNECTED",
-                                          "the vllm backend loads from local_path (a safetensors directory); "
-                                          "pulling from the weight store is not wired yet",
-                                          weight_store_address=weight_store_address)
-            start = time.perf_counter()
-            # check names and shapes before pausing, so a bad path never stops generation
-            files = await asyncio.to_thread(self._check_local, local_path)
-            self._open.clear()
-            aborted = 0
-            try:
-                if abort and self._inflight:
-                    aborted = len(set(self._inflight.values()))
-                    await self.engine.abort(list(self._inflight))
-                await self._idle.wait()
-                await self.engine.collective_rpc("forgerpc_load_weights", args=([str(f) for f in files],))
-                # cached prefix KV was computed by the old weights
-                await self.engine.reset_prefix_cache()
-                self.version = version
-            finally:
-                self._open.set()
-            return time.perf_counter() - start, aborted
+    async def update_weights(self, version: int, source: WeightSource, abort: bool) -> int:
+        if source.files:  # the worker reads them itself
+            payload = {"files": [str(f) for f in source.files]}
+        else:  # the worker pulls the version into CPU tensors before we pause
+            await self._pull(source, version)
+            payload = {"staged": True}
+        self._open.clear()
+        aborted = 0
+        try:
+            if abort and self._inflight:
+                aborted = len(set(self._inflight.values()))
+                await self.engine.abort(list(self._inflight))
+            await self._idle.wait()
+            await self.engine.collective_rpc("forgerpc_load_weights", kwargs=payload)
+            # cached prefix KV was computed by the old weights
+            await self.engine.reset_prefix_cache()
+            self.version = version
+        finally:
+            self._open.set()
+        return aborted
 
     # -- internals -------------------------------------------------------------------------
 
-    def _check_local(self, local_path: str) -> list[pathlib.Path]:
-        """The safetensors files under `local_path`, checked against the model's names and shapes."""
-        files = safetensors_files(local_path)
-        if not files:
-            raise invalid_argument("local_path", f"no *.safetensors file at {pathlib.Path(local_path).expanduser()}")
-        shapes = read_shapes(files)
-        for name, shape in shapes.items():
-            if name not in self._shapes:
-                raise invalid_argument("local_path", f"tensor {name!r} is not a parameter of the loaded model")
-            if shape != self._shapes[name]:
-                raise invalid_argument("local_path", f"tensor {name!r} has shape {shape}, "
-                                       f"the model expects {self._shapes[name]}")
-        missing = [n for n in self._shapes if n not in shapes and not (self._tied and n == "lm_head.weight")]
-        if missing:
-            raise invalid_argument("local_path", f"{len(missing)} parameters missing, e.g. {missing[0]!r}")
-        return files
+    async def _pull(self, source: WeightSource, version: int) -> None:
+        """Has the worker stage `version` from the store (see WeightLoaderExtension)."""
+        args = (source.store.address, source.client, version, self._dtype,
+                {n: list(s) for n, s in self.info.shapes.items()}, sorted(self.info.tied))
+        for error in await self.engine.collective_rpc("forgerpc_pull_weights", args=args):
+            if error is not None:
+                code, reason, message = error
+                raise ForgeRPCError(grpc.StatusCode[code], reason, message)
 
     def _params(self, sampling: Sampling, prompt_len: int):
         from vllm import SamplingParams

@@ -7,6 +7,9 @@ One `train_step(samples)`:
         logprobs -> loss with the *whole* batch's counts -> backward (gradients accumulate)
     -> if loss and grad norm are finite: clip, AdamW step, LR schedule step; else: drop the gradients.
 
+SFT with `sft.packing`: the micro-batches are rows of `sft.pack_length` tokens holding several
+episodes each (services/trainer/packing.py); `micro_batch_size` then counts rows.
+
 Under `torchrun` (torch.distributed initialized) the model is sharded with FSDP2 (`fully_shard` per
 decoder layer, then the root), each rank takes every world_size-th sample, and because FSDP averages
 gradients over ranks each rank's loss is multiplied by world_size: the result equals one process
@@ -26,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from forgerpc.services.trainer import checkpoint, losses
+from forgerpc.services.trainer import checkpoint, losses, packing
 from forgerpc.services.trainer.config import TrainerConfig
 
 
@@ -127,30 +130,10 @@ class TorchBackend:
         """One optimizer step. `learning_rate` > 0 overrides the schedule for this step only and
         leaves the schedule where it was (an SFT warm start must not eat the RL warmup)."""
         start = time.perf_counter()
-        advantages = self._advantages(samples)
-        mine = list(range(self.rank, len(samples), self.world))
-        n_tokens = sum(sum(s.mask) for s in samples)
-        counts = dict(num_sequences=len(samples), num_tokens=max(n_tokens, 1),
-                      max_tokens=self.cfg.loss.max_tokens or max(len(s.response) for s in samples))
         scheduled = self.scheduler.get_last_lr()[0]
         lr = learning_rate or scheduled
         self.optimizer.zero_grad(set_to_none=True)
-        totals = torch.zeros(5, device=self.device)  # loss, kl_sum, clipped, tokens, entropy_sum; read once
-        mb = self.cfg.micro_batch_size
-        # Every rank runs the same number of micro-batches, or FSDP's collectives would not pair up.
-        n_micro = math.ceil(math.ceil(len(samples) / self.world) / mb)
-        for i in range(0, n_micro * mb, mb):
-            idx = mine[i:i + mb]
-            weight = 1.0 if idx else 0.0  # a rank out of samples runs a zero-weight pass to join the collectives
-            idx = idx or [0]
-            chunk = [samples[j] for j in idx]
-            out, entropy_sum = self._micro_batch(chunk, advantages[idx], objective, counts)
-            (out.loss * weight * self.world).backward()
-            totals += torch.stack([out.loss.detach(), out.kl_sum, out.clipped_sum, out.tokens, entropy_sum]) * weight
-        if self.world > 1:
-            totals = totals if dist.get_backend() == "nccl" else totals.cpu()
-            dist.all_reduce(totals)
-        loss, kl_sum, clipped, tokens, entropy_sum = totals.tolist()
+        loss, kl_sum, clipped, tokens, entropy_sum = self.accumulate_gradients(samples, objective)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         reason = ""
@@ -176,6 +159,38 @@ class TorchBackend:
         return StepResult(step=self.step, loss=loss, grad_norm=grad_norm, learning_rate=lr, tokens=int(tokens),
                           kl=kl_sum / t, clip_fraction=clipped / t, entropy=entropy_sum / t,
                           step_seconds=time.perf_counter() - start, skipped=bool(reason), skip_reason=reason)
+
+    def accumulate_gradients(self, samples: list[Sample], objective: str = "policy_gradient") -> list[float]:
+        """Forward and backward over the whole batch, micro-batch by micro-batch; gradients add up
+        in the parameters' `.grad` (the caller zeroes them). Returns the batch's
+        [loss, kl_sum, clipped, tokens, entropy_sum], summed over micro-batches and ranks."""
+        n_tokens = sum(sum(s.mask) for s in samples)
+        counts = dict(num_sequences=len(samples), num_tokens=max(n_tokens, 1),
+                      max_tokens=self.cfg.loss.max_tokens or max(len(s.response) for s in samples))
+        if objective == "sft" and self.cfg.sft.packing:
+            length = self.cfg.sft.pack_length
+            rows = [[samples[i] for i in row]
+                    for row in packing.pack([len(s.prompt) + len(s.response) for s in samples], length)]
+            units, run = rows, lambda idx: self._packed_micro_batch([rows[j] for j in idx], counts)
+        else:
+            advantages = self._advantages(samples)
+            units, run = samples, lambda idx: self._micro_batch(
+                [samples[j] for j in idx], advantages[idx], objective, counts)
+        mine = list(range(self.rank, len(units), self.world))
+        totals = torch.zeros(5, device=self.device)  # loss, kl_sum, clipped, tokens, entropy_sum; read once
+        mb = self.cfg.micro_batch_size
+        # Every rank runs the same number of micro-batches, or FSDP's collectives would not pair up.
+        n_micro = math.ceil(math.ceil(len(units) / self.world) / mb)
+        for i in range(0, n_micro * mb, mb):
+            idx = mine[i:i + mb]
+            weight = 1.0 if idx else 0.0  # a rank out of samples runs a zero-weight pass to join the collectives
+            out, entropy_sum = run(idx or [0])
+            (out.loss * weight * self.world).backward()
+            totals += torch.stack([out.loss.detach(), out.kl_sum, out.clipped_sum, out.tokens, entropy_sum]) * weight
+        if self.world > 1:
+            totals = totals if dist.get_backend() == "nccl" else totals.cpu()
+            dist.all_reduce(totals)
+        return totals.tolist()
 
     def _advantages(self, samples: list[Sample]) -> torch.Tensor:
         """Given advantages where present; the rest group-relative over the batch (see losses.group_advantages)."""
@@ -212,12 +227,31 @@ class TorchBackend:
         return ids.to(d), attn.to(d), positions.to(d), ids[:, P:].to(d), gen.to(d), mask.to(d)
 
     def _logprobs(self, model, ids, attn, positions, targets):
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else contextlib.nullcontext())
         R = targets.shape[1]
-        with autocast:
+        with self._autocast():
             # Logits at columns P-1 .. P+R-2 predict the R response tokens.
             logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=R + 1).logits
+        return losses.token_logprobs_and_entropy(logits[:, :-1], targets)
+
+    def _autocast(self):
+        """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _packed_micro_batch(self, rows: list[list[Sample]], counts: dict):
+        """SFT loss of packed rows (see packing.py): position ids restart per episode, no attention mask."""
+        length = self.cfg.sft.pack_length
+        ids, positions, targets, mask = (t.to(self.device) for t in packing.packed_batch(
+            [[(s.prompt, s.response, s.mask) for s in row] for row in rows], length, self.pad_id))
+        logp, entropy = self.packed_logprobs(ids, positions, targets)
+        return losses.sft_loss(logp, mask, num_tokens=counts["num_tokens"]), (entropy * mask).sum()
+
+    def packed_logprobs(self, ids, positions, targets):
+        """(logprobs, entropy) (rows, L - 1) of packed rows. No attention mask and no KV cache: that
+        is when transformers derives the per-episode block-diagonal mask from the position ids."""
+        with self._autocast():
+            logits = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits
         return losses.token_logprobs_and_entropy(logits[:, :-1], targets)
 
     def _micro_batch(self, chunk: list[Sample], adv: torch.Tensor, objective: str, counts: dict):
@@ -273,3 +307,11 @@ class TorchBackend:
         self.step, self.policy_version = meta["step"], meta["policy_version"]
         self.data_position = meta.get("data_position", "")
         return meta
+
+
+def build(cfg: TrainerConfig, model_path: str) -> TorchBackend:
+    """The backend over the HF model directory `model_path` (fp32 master weights)."""
+    from forgerpc.services.common.models import load_model
+
+    model, tokenizer = load_model(model_path, dtype=torch.float32)
+    return TorchBackend(cfg, model, tokenizer)

@@ -81,3 +81,23 @@ async def test_cancelled_call_keeps_its_slot_until_the_run_ends(sandbox):
         waited = asyncio.get_running_loop().time() - start
     assert out.verdict == pb.VERDICT_OK and out.stdout == b"next\n"
     assert waited >= 0.9  # it queued behind the abandoned run
+
+
+async def test_shared_work_root_survives_the_server(serve_process, tmp_path):
+    """work_root may be shared (e.g. /tmp): the server works in, and deletes, only its own
+    forgerpc-sandbox-<pid> directory there, and never narrows the parent's permissions."""
+    import os
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    os.chmod(shared, 0o1777)  # like /tmp (mkdir's mode is masked by the umask)
+    (shared / "someone-elses-file").write_text("keep me")
+    proc = serve_process("sandbox", "workers=1", "uid_base=63100", f"work_root={shared}")
+    async with SandboxClient(proc.address) as client:
+        assert (await client.execute(code="print(1)")).stdout == b"1\n"
+    assert [p.name for p in shared.glob("forgerpc-sandbox-*")] == [f"forgerpc-sandbox-{proc.proc.pid}"]
+    proc.terminate()
+    assert (shared / "someone-elses-file").read_text() == "keep me"
+    assert list(shared.glob("forgerpc-sandbox-*")) == [], "the server's own directory is removed"
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777

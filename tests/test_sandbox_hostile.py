@@ -70,7 +70,8 @@ async def run(sandbox, code: str, **fields) -> pb.ExecuteResponse:
         out = await client.execute(code=textwrap.dedent(code), timeout_seconds=TIMEOUT, **fields)
     assert "ESCAPED" not in out.stdout.decode(errors="replace"), out.stdout[-500:]
     assert _sandbox_pids() == [], "a process outlived its run"
-    assert list(pathlib.Path(work_root).iterdir()) == [], "a run directory was left behind"
+    own = list(pathlib.Path(work_root).glob("forgerpc-sandbox-*"))  # the server's directory under work_root
+    assert len(own) == 1 and list(own[0].iterdir()) == [], "a run directory was left behind"
     assert not os.path.exists(HOST_MARK)
     assert proc.proc.poll() is None, "the sandbox server died"
     return out

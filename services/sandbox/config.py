@@ -29,7 +29,8 @@ class SandboxConfig(ServiceConfig):
     # Import the interpreter's site-packages. Off by default: programs get the standard library
     # only (-S), start several times faster, and no .pth hook of the host runs in the sandbox.
     site_packages: bool = False
-    # Where fresh per-run work directories are made; "" = $TMPDIR/forgerpc-sandbox-<pid>.
+    # Parent of this server's own directory WORK_ROOT/forgerpc-sandbox-<pid>, where fresh per-run
+    # work directories are made and which is deleted on close; "" = $TMPDIR.
     work_root: str = ""
     # Run k executes as uid/gid uid_base + k (k < workers): one uid per concurrent slot, so the
     # process rlimit is per run and "kill every process of this uid" cleans up exactly one run.

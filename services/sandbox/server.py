@@ -175,14 +175,20 @@ _servicers: list[SandboxServicer] = []
 
 
 async def create(cfg: SandboxConfig):
-    if not cfg.work_root:  # default roots of servers that died without closing
-        for stale in glob.glob(os.path.join(tempfile.gettempdir(), "forgerpc-sandbox-*")):
-            pid = stale.rsplit("-", 1)[1]
-            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                shutil.rmtree(stale, ignore_errors=True)
-    work_root = cfg.work_root or os.path.join(tempfile.gettempdir(), f"forgerpc-sandbox-{os.getpid()}")
+    # The server works in a directory of its own under work_root ($TMPDIR by default) and deletes
+    # only that one on close: work_root itself may be shared (e.g. /tmp) and is never removed.
+    parent = cfg.work_root or tempfile.gettempdir()
+    os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, "forgerpc-sandbox-*")):  # of servers that died unclosed
+        pid = stale.rsplit("-", 1)[1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    # Parents of each run dir must be traversable by the run's uid (x, not r); the run dir itself is 0700.
+    mode = os.stat(parent).st_mode
+    if mode & 0o011 != 0o011:
+        os.chmod(parent, mode | 0o011)
+    work_root = os.path.join(parent, f"forgerpc-sandbox-{os.getpid()}")
     os.makedirs(work_root, exist_ok=True)
-    # Parents of each run dir must be traversable by the run's uid; the run dir itself is 0700.
     os.chmod(work_root, 0o711)
     python = cfg.python or default_python()
     try:

@@ -19,15 +19,10 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-try:
-    import forgerpc.services  # noqa: F401
-except ImportError:
-    shim = pathlib.Path(tempfile.mkdtemp()) / "forgerpc"
-    shim.mkdir()
-    (shim / "__init__.py").write_text("")
-    for name, target in {"v1": "protos/forgerpc/v1", "services": "services", "clients": "clients"}.items():
-        (shim / name).symlink_to(ROOT / target)
-    sys.path.insert(0, str(shim.parent))
+
+from _checkout import ensure_importable  # noqa: E402 - bench/ is sys.path[0]
+
+ensure_importable()
 
 import torch  # noqa: E402
 

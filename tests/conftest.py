@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -55,3 +56,17 @@ def serve_process():
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def prefix():
+    """A Redis key prefix of our own; every key under it is deleted afterwards."""
+    import redis
+
+    name = f"forgerpc-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(f"{name}:*"))
+    if keys:
+        r.delete(*keys)
+    r.close()

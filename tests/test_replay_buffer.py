@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 
 import grpc
 import pytest
@@ -34,18 +33,6 @@ def episodes(n: int, *, start: int = 0, group_size: int = 4, version: int = 0, t
         episode_id=f"{tag}{i}", group_id=f"{tag}g{i // group_size}", group_size=group_size,
         prompt_token_ids=[1, 2, 3], response_token_ids=[4, 5], response_logprobs=[-0.5, -0.25],
         reward=reward(i), policy_version=version) for i in range(start, start + n)]
-
-
-@pytest.fixture
-def prefix():
-    """A key prefix of our own; every key under it is deleted afterwards."""
-    name = f"forgerpc-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(f"{name}:*"))
-    if keys:
-        r.delete(*keys)
-    r.close()
 
 
 def buffer_args(prefix: str, *extra: str, url: str = REDIS_URL) -> list[str]:

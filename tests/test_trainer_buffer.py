@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import time
-import uuid
 
 import grpc
 import pytest
@@ -22,18 +21,6 @@ from test_trainer_service import make_episodes, trainer_args
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 VISIBILITY = 2.0  # seconds before an un-acked batch is served again
-
-
-@pytest.fixture
-def prefix():
-    """A Redis key prefix of our own; every key under it is deleted afterwards."""
-    name = f"forgerpc-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(f"{name}:*"))
-    if keys:
-        r.delete(*keys)
-    r.close()
 
 
 def start(serve_process, tmp_path, prefix: str, *trainer_extra: str):

@@ -168,14 +168,7 @@ class TitanBackend(TorchBackend):
         self.ref_model = None
         if cfg.loss.beta > 0:  # the KL reference: the initial weights, frozen, unsharded
             self.ref_model = self._build(titan_sd, parallel=False).eval().requires_grad_(False)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(o.warmup_steps, o.total_steps, o.min_lr_ratio))
-        self.step = 0
-        self.policy_version = 0
-        self.data_position = ""
+        self._init_training_state(cfg)
 
     def _build(self, titan_sd: dict[str, torch.Tensor], parallel: bool = True) -> nn.Module:
         """Build on meta -> materialize -> load the weights -> (under torchrun) shard them.

@@ -108,6 +108,10 @@ class TorchBackend:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.world > 1:
             self._shard()
+        self._init_training_state(cfg)
+
+    def _init_training_state(self, cfg) -> None:
+        """AdamW over self.model, warmup + cosine schedule, counters at zero (every backend)."""
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)

@@ -68,6 +68,9 @@ class GRPOConfig(Config):
     max_tokens: int = Field(default=8, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     std_normalize: bool = True
+    # The first GRPO step of a run (not of a resumed one) starts from fresh AdamW moments and a
+    # restarted schedule: SFT's second moments would otherwise shrink the RL steps for ~1,000 steps.
+    reset_optimizer: bool = True
     seed: int = 0
     # Trainer checkpoint (+ the app's data position) every K steps and at the last step; 0 = last
     # step only. `forgerpc run CONFIG --resume RUN_DIR` continues from the newest one.

@@ -59,6 +59,7 @@ class GRPO:
         self.started = time.time()
         self.start = resume or Position("grpo", step=0, version=0)
         self.drawn = self.start.drawn  # data position: prompts drawn so far
+        self.reset_pending = settings.reset_optimizer and not self.start.step  # see GRPOConfig.reset_optimizer
         self._dropped_seen = 0
         self.buffer_size = 0  # episodes in the stream (unread + pending), from the last GetStats
         self.debt = 0  # groups in the buffer that no permit of this run was taken for (resume)
@@ -131,7 +132,9 @@ class GRPO:
                 self.release(await self.dropped_groups())
                 continue
             with self.metrics.phase("train", links=rollout_links(batch.episodes)):
-                result = await self.s.trainer.train_step.call_one(episodes=batch.episodes)
+                result = await self.s.trainer.train_step.call_one(episodes=batch.episodes,
+                                                                  reset_optimizer=self.reset_pending)
+            self.reset_pending = False
             await self.s.buffer.ack.call_one(batch_id=batch.batch_id)
             elapsed = time.time() - self.started
             row = {"phase": "grpo", "step": step, "version": self.version, "trainer_step": result.step,

@@ -165,3 +165,21 @@ def test_learning_rate_override_moves_weights_but_not_the_schedule(model_dir):
     assert any(not torch.equal(w0[k], v) for k, v in weights(b).items())
     r = b.train_step(episodes(seed=1))
     assert r.learning_rate == before and b.scheduler.get_last_lr()[0] > before  # warmup goes on from step 0
+
+
+def test_reset_optimizer_equals_a_fresh_trainer_on_the_same_weights(model_dir):
+    """After SFT steps, reset_optimizer() forgets AdamW's moments and restarts the warmup: the next
+    RL step equals that of a new trainer loaded with the same weights; the step counter goes on."""
+    cfg = {"optim": {"lr": 1e-3, "warmup_steps": 4, "total_steps": 100}}
+    b = backend(model_dir, **cfg)
+    for seed in range(3):
+        b.train_step(episodes(seed=seed), "sft", learning_rate=5e-2)
+    b.train_step(episodes(seed=3))  # one RL step: the schedule has moved too
+    assert b.optimizer.state and b.scheduler.get_last_lr()[0] > 1e-3 / 4
+    fresh = backend(model_dir, **cfg)
+    fresh.model.load_state_dict(b.model.state_dict())
+    b.reset_optimizer()
+    assert not b.optimizer.state and b.step == 4
+    r, rf = b.train_step(episodes(seed=9)), fresh.train_step(episodes(seed=9))
+    assert r.learning_rate == rf.learning_rate and b.step == 5
+    assert all(torch.equal(v, weights(fresh)[k]) for k, v in weights(b).items())

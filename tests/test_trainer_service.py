@@ -47,13 +47,16 @@ async def test_train_skip_publish_and_state(serve_process, tmp_path):
         assert skipped.skipped and "non-finite" in skipped.skip_reason and skipped.step == 1
         sft = await trainer.train_step(episodes=make_episodes(seed=2), objective=trainer_pb2.OBJECTIVE_SFT)
         assert sft.step == 2 and sft.loss > 0
+        reset = await trainer.train_step(episodes=make_episodes(seed=3), objective=trainer_pb2.OBJECTIVE_SFT,
+                                          reset_optimizer=True)  # the first GRPO step after SFT sends it
+        assert reset.step == 3 and not reset.skipped
 
         state = await trainer.get_state()
-        assert (state.step, state.policy_version, state.backend) == (2, 0, "torch")
+        assert (state.step, state.policy_version, state.backend) == (3, 0, "torch")
         assert "micro_batch_size: 4" in state.config_yaml
 
         published = await trainer.publish_weights(version=1)
-        assert published.version.version == 1 and published.version.step == 2 and published.bytes > 0
+        assert published.version.version == 1 and published.version.step == 3 and published.bytes > 0
         model, _ = load_model(published.location)  # a loadable HF directory (the generator's UpdateWeights)
         assert (await trainer.get_state()).policy_version == 1
         with pytest.raises(ForgeRPCError) as err:

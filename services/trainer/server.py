@@ -141,8 +141,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return to_samples(request, b.vocab_size, b.max_positions, self.cfg.max_batch_episodes, sft,
                           self.cfg.sft.pack_length if sft and self.cfg.sft.packing else 0)
 
-    async def _step(self, samples: list[Sample], objective: str, learning_rate: float) -> StepResult:
+    async def _step(self, samples: list[Sample], objective: str, learning_rate: float,
+                    reset_optimizer: bool = False) -> StepResult:
         async with self.lock:
+            if reset_optimizer:
+                self.backend.reset_optimizer()
+                log.info("trainer: optimizer state and schedule reset before step %d", self.backend.step + 1)
             r = await asyncio.to_thread(self.backend.train_step, samples, objective, learning_rate)
         if r.skipped:
             log.warning("trainer: step skipped: %s", r.skip_reason)
@@ -155,12 +159,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 f"must be a finite number >= 0 (0 = the schedule), got {request.learning_rate}")
         if request.HasField("from_buffer"):
             require(not request.episodes, "from_buffer", "set either episodes or from_buffer, not both")
-            return await self._train_from_buffer(request.from_buffer, objective, request.learning_rate)
+            return await self._train_from_buffer(request.from_buffer, objective, request.learning_rate,
+                                                 request.reset_optimizer)
         samples = self._samples(request, objective)
-        return response(await self._step(samples, objective, request.learning_rate), request.episodes)
+        return response(await self._step(samples, objective, request.learning_rate, request.reset_optimizer),
+                        request.episodes)
 
-    async def _train_from_buffer(self, spec: trainer_pb2.BufferSample, objective: str,
-                                 learning_rate: float) -> trainer_pb2.TrainStepResponse:
+    async def _train_from_buffer(self, spec: trainer_pb2.BufferSample, objective: str, learning_rate: float,
+                                 reset_optimizer: bool = False) -> trainer_pb2.TrainStepResponse:
         """Sample -> step -> Ack (see the module docstring): the Ack is the last thing, after the step."""
         if self.buffer is None:
             raise failed_precondition("REPLAY_BUFFER_NOT_CONFIGURED",
@@ -190,7 +196,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                                       f"replay buffer batch {batch.batch_id} (not acked; served again after the"
                                       f" buffer's visibility timeout): {e.message}",
                                       batch_id=batch.batch_id, field=e.metadata.get("field", "")) from None
-        r = await self._step(samples, objective, learning_rate)
+        r = await self._step(samples, objective, learning_rate, reset_optimizer)
         try:
             await self.buffer.ack(batch_id=batch.batch_id)
         except ForgeRPCError as e:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from forgerpc.v1 import common_pb2 as forgerpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66orgerpc/v1/trainer.proto\x12\x0b\x66orgerpc.v1\x1a\x18\x66orgerpc/v1/common.proto\"\xbc\x01\n\x10TrainStepRequest\x12&\n\x08\x65pisodes\x18\x01 \x03(\x0b\x32\x14.forgerpc.v1.Episode\x12)\n\tobjective\x18\x03 \x01(\x0e\x32\x16.forgerpc.v1.Objective\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12.\n\x0b\x66rom_buffer\x18\x05 \x01(\x0b\x32\x19.forgerpc.v1.BufferSampleJ\x04\x08\x02\x10\x03R\x08\x62\x61tch_id\"N\n\x0c\x42ufferSample\x12\x12\n\nbatch_size\x18\x01 \x01(\x05\x12\x14\n\x0cwhole_groups\x18\x02 \x01(\x08\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x8d\x02\n\x11TrainStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x11\n\tgrad_norm\x18\x03 \x01(\x01\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\n\n\x02kl\x18\x06 \x01(\x01\x12\x15\n\rclip_fraction\x18\x07 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x08 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\t \x01(\x01\x12\x0f\n\x07skipped\x18\n \x01(\x08\x12\x13\n\x0bskip_reason\x18\x0b \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x0c \x01(\t\x12\x10\n\x08\x65pisodes\x18\r \x01(\x05\x12\x0e\n\x06groups\x18\x0e \x01(\x05\"(\n\x15PublishWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"w\n\x16PublishWeightsResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.forgerpc.v1.WeightVersion\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x10\n\x08location\x18\x04 \x01(\t\"A\n\x15SaveCheckpointRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x15\n\rdata_position\x18\x02 \x01(\t\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"%\n\x15LoadCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"U\n\x16LoadCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x15\n\rdata_position\x18\x03 \x01(\t\"\x11\n\x0fGetStateRequest\"^\n\x10GetStateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x04 \x01(\t*X\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x1d\n\x19OBJECTIVE_POLICY_GRADIENT\x10\x01\x12\x11\n\rOBJECTIVE_SFT\x10\x02\x32\xbb\x03\n\x0eTrainerService\x12J\n\tTrainStep\x12\x1d.forgerpc.v1.TrainStepRequest\x1a\x1e.forgerpc.v1.TrainStepResponse\x12Y\n\x0ePublishWeights\x12\".forgerpc.v1.PublishWeightsRequest\x1a#.forgerpc.v1.PublishWeightsResponse\x12Y\n\x0eSaveCheckpoint\x12\".forgerpc.v1.SaveCheckpointRequest\x1a#.forgerpc.v1.SaveCheckpointResponse\x12Y\n\x0eLoadCheckpoint\x12\".forgerpc.v1.LoadCheckpointRequest\x1a#.forgerpc.v1.LoadCheckpointResponse\x12L\n\x08GetState\x12\x1c.forgerpc.v1.GetStateRequest\x1a\x1d.forgerpc.v1.GetStateResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66orgerpc/v1/trainer.proto\x12\x0b\x66orgerpc.v1\x1a\x18\x66orgerpc/v1/common.proto\"\xd5\x01\n\x10TrainStepRequest\x12&\n\x08\x65pisodes\x18\x01 \x03(\x0b\x32\x14.forgerpc.v1.Episode\x12)\n\tobjective\x18\x03 \x01(\x0e\x32\x16.forgerpc.v1.Objective\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12.\n\x0b\x66rom_buffer\x18\x05 \x01(\x0b\x32\x19.forgerpc.v1.BufferSample\x12\x17\n\x0freset_optimizer\x18\x06 \x01(\x08J\x04\x08\x02\x10\x03R\x08\x62\x61tch_id\"N\n\x0c\x42ufferSample\x12\x12\n\nbatch_size\x18\x01 \x01(\x05\x12\x14\n\x0cwhole_groups\x18\x02 \x01(\x08\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x8d\x02\n\x11TrainStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x11\n\tgrad_norm\x18\x03 \x01(\x01\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\n\n\x02kl\x18\x06 \x01(\x01\x12\x15\n\rclip_fraction\x18\x07 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x08 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\t \x01(\x01\x12\x0f\n\x07skipped\x18\n \x01(\x08\x12\x13\n\x0bskip_reason\x18\x0b \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x0c \x01(\t\x12\x10\n\x08\x65pisodes\x18\r \x01(\x05\x12\x0e\n\x06groups\x18\x0e \x01(\x05\"(\n\x15PublishWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"w\n\x16PublishWeightsResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.forgerpc.v1.WeightVersion\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x10\n\x08location\x18\x04 \x01(\t\"A\n\x15SaveCheckpointRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x15\n\rdata_position\x18\x02 \x01(\t\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"%\n\x15LoadCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"U\n\x16LoadCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x15\n\rdata_position\x18\x03 \x01(\t\"\x11\n\x0fGetStateRequest\"^\n\x10GetStateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x04 \x01(\t*X\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x1d\n\x19OBJECTIVE_POLICY_GRADIENT\x10\x01\x12\x11\n\rOBJECTIVE_SFT\x10\x02\x32\xbb\x03\n\x0eTrainerService\x12J\n\tTrainStep\x12\x1d.forgerpc.v1.TrainStepRequest\x1a\x1e.forgerpc.v1.TrainStepResponse\x12Y\n\x0ePublishWeights\x12\".forgerpc.v1.PublishWeightsRequest\x1a#.forgerpc.v1.PublishWeightsResponse\x12Y\n\x0eSaveCheckpoint\x12\".forgerpc.v1.SaveCheckpointRequest\x1a#.forgerpc.v1.SaveCheckpointResponse\x12Y\n\x0eLoadCheckpoint\x12\".forgerpc.v1.LoadCheckpointRequest\x1a#.forgerpc.v1.LoadCheckpointResponse\x12L\n\x08GetState\x12\x1c.forgerpc.v1.GetStateRequest\x1a\x1d.forgerpc.v1.GetStateResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINERSERVICE'].methods_by_name['GetState']._loaded_options = None
   _globals['_TRAINERSERVICE'].methods_by_name['GetState']._serialized_options = b'\220\002\001'
-  _globals['_OBJECTIVE']._serialized_start=1136
-  _globals['_OBJECTIVE']._serialized_end=1224
+  _globals['_OBJECTIVE']._serialized_start=1161
+  _globals['_OBJECTIVE']._serialized_end=1249
   _globals['_TRAINSTEPREQUEST']._serialized_start=69
-  _globals['_TRAINSTEPREQUEST']._serialized_end=257
-  _globals['_BUFFERSAMPLE']._serialized_start=259
-  _globals['_BUFFERSAMPLE']._serialized_end=337
-  _globals['_TRAINSTEPRESPONSE']._serialized_start=340
-  _globals['_TRAINSTEPRESPONSE']._serialized_end=609
-  _globals['_PUBLISHWEIGHTSREQUEST']._serialized_start=611
-  _globals['_PUBLISHWEIGHTSREQUEST']._serialized_end=651
-  _globals['_PUBLISHWEIGHTSRESPONSE']._serialized_start=653
-  _globals['_PUBLISHWEIGHTSRESPONSE']._serialized_end=772
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=774
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=839
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=841
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=893
-  _globals['_LOADCHECKPOINTREQUEST']._serialized_start=895
-  _globals['_LOADCHECKPOINTREQUEST']._serialized_end=932
-  _globals['_LOADCHECKPOINTRESPONSE']._serialized_start=934
-  _globals['_LOADCHECKPOINTRESPONSE']._serialized_end=1019
-  _globals['_GETSTATEREQUEST']._serialized_start=1021
-  _globals['_GETSTATEREQUEST']._serialized_end=1038
-  _globals['_GETSTATERESPONSE']._serialized_start=1040
-  _globals['_GETSTATERESPONSE']._serialized_end=1134
-  _globals['_TRAINERSERVICE']._serialized_start=1227
-  _globals['_TRAINERSERVICE']._serialized_end=1670
+  _globals['_TRAINSTEPREQUEST']._serialized_end=282
+  _globals['_BUFFERSAMPLE']._serialized_start=284
+  _globals['_BUFFERSAMPLE']._serialized_end=362
+  _globals['_TRAINSTEPRESPONSE']._serialized_start=365
+  _globals['_TRAINSTEPRESPONSE']._serialized_end=634
+  _globals['_PUBLISHWEIGHTSREQUEST']._serialized_start=636
+  _globals['_PUBLISHWEIGHTSREQUEST']._serialized_end=676
+  _globals['_PUBLISHWEIGHTSRESPONSE']._serialized_start=678
+  _globals['_PUBLISHWEIGHTSRESPONSE']._serialized_end=797
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=799
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=864
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=866
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=918
+  _globals['_LOADCHECKPOINTREQUEST']._serialized_start=920
+  _globals['_LOADCHECKPOINTREQUEST']._serialized_end=957
+  _globals['_LOADCHECKPOINTRESPONSE']._serialized_start=959
+  _globals['_LOADCHECKPOINTRESPONSE']._serialized_end=1044
+  _globals['_GETSTATEREQUEST']._serialized_start=1046
+  _globals['_GETSTATEREQUEST']._serialized_end=1063
+  _globals['_GETSTATERESPONSE']._serialized_start=1065
+  _globals['_GETSTATERESPONSE']._serialized_end=1159
+  _globals['_TRAINERSERVICE']._serialized_start=1252
+  _globals['_TRAINERSERVICE']._serialized_end=1695
 # @@protoc_insertion_point(module_scope)

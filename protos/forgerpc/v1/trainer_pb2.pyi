@@ -18,16 +18,18 @@ OBJECTIVE_POLICY_GRADIENT: Objective
 OBJECTIVE_SFT: Objective
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("episodes", "objective", "learning_rate", "from_buffer")
+    __slots__ = ("episodes", "objective", "learning_rate", "from_buffer", "reset_optimizer")
     EPISODES_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     FROM_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    RESET_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     episodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Episode]
     objective: Objective
     learning_rate: float
     from_buffer: BufferSample
-    def __init__(self, episodes: _Optional[_Iterable[_Union[_common_pb2.Episode, _Mapping]]] = ..., objective: _Optional[_Union[Objective, str]] = ..., learning_rate: _Optional[float] = ..., from_buffer: _Optional[_Union[BufferSample, _Mapping]] = ...) -> None: ...
+    reset_optimizer: bool
+    def __init__(self, episodes: _Optional[_Iterable[_Union[_common_pb2.Episode, _Mapping]]] = ..., objective: _Optional[_Union[Objective, str]] = ..., learning_rate: _Optional[float] = ..., from_buffer: _Optional[_Union[BufferSample, _Mapping]] = ..., reset_optimizer: _Optional[bool] = ...) -> None: ...
 
 class BufferSample(_message.Message):
     __slots__ = ("batch_size", "whole_groups", "wait_seconds")

@@ -121,6 +121,13 @@ class TorchBackend:
         self.policy_version = 0
         self.data_position = ""
 
+    def reset_optimizer(self) -> None:
+        """Fresh AdamW moments and a restarted schedule; weights and counters stay. Called before
+        the first RL step after an SFT warm start (TrainStepRequest.reset_optimizer)."""
+        step, version, position = self.step, self.policy_version, self.data_position
+        self._init_training_state(self.cfg)
+        self.step, self.policy_version, self.data_position = step, version, position
+
     def _shard(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
@@ -213,18 +220,19 @@ class TorchBackend:
         """
         P = max(len(s.prompt) for s in chunk)
         R = max(len(s.response) for s in chunk)
-        b = len(chunk)
-        ids = torch.full((b, P + R), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((b, P + R), dtype=torch.long)
-        gen = torch.zeros((b, R))
-        mask = torch.zeros((b, R))
-        for i, s in enumerate(chunk):
+        # Rows are built as Python lists and converted once: one torch.tensor per batch, not four
+        # per sample (512 small-tensor creations for a 128-episode batch cost ~5-10 ms on CPU).
+        ids, attn, gen, mask = [], [], [], []
+        for s in chunk:
             p, r = len(s.prompt), len(s.response)
-            ids[i, P - p:P] = torch.tensor(s.prompt)
-            ids[i, P:P + r] = torch.tensor(s.response)
-            attn[i, P - p:P + r] = 1
-            gen[i, :r] = torch.tensor(s.generator_logprobs)
-            mask[i, :r] = torch.tensor(s.mask, dtype=torch.float32)
+            ids.append([self.pad_id] * (P - p) + list(s.prompt) + list(s.response) + [self.pad_id] * (R - r))
+            attn.append([0] * (P - p) + [1] * (p + r) + [0] * (R - r))
+            gen.append(list(s.generator_logprobs) + [0.0] * (R - r))
+            mask.append(list(s.mask) + [0.0] * (R - r))
+        ids = torch.tensor(ids, dtype=torch.long)
+        attn = torch.tensor(attn, dtype=torch.long)
+        gen = torch.tensor(gen, dtype=torch.float32)
+        mask = torch.tensor(mask, dtype=torch.float32)
         # Positions count real tokens only, so a left-padded prompt sees the positions the generator saw.
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         d = self.device

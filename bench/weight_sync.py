@@ -8,7 +8,7 @@
 For each model size (synthetic bf16 tensors with the layer shapes of SmolLM2-135M / -1.7B, both
 Llama architectures) it measures, in this run:
 
-    memcpy_gbps        = bytes / t, torch copy_ of every tensor into preallocated tensors
+    memcpy_gbps        = bytes / t, torch copy_ of every tensor into preallocated tensors (best of 10)
     raw_grpc_gbps      = 2 bytes / (t_up + t_down), plain bytes over loopback grpc.aio (no store,
                          one reused 4 MiB message), in a separate server process
     shm_put_get_gbps   = 2 bytes / (t_publish + t_load), shared-memory transport
@@ -23,7 +23,8 @@ step); the first publish+load of a size (fresh segment, new connection) is repor
 Memory: a fresh reader process (its model already allocated) loads the newest version 3 times;
 load_first_load_rss_extra_bytes / load_steady_rss_extra_bytes are its anonymous RSS (RssAnon,
 sampled every 2 ms) above the level before the load, load_python_peak_bytes the tracemalloc
-peak of Python objects (the received messages) during one more load.
+peak of Python objects (the received messages: grpcio holds ~2 while it assembles one) during one
+more load.
 Results go to bench/results/weight_sync.json.
 """
 
@@ -185,11 +186,11 @@ async def reader(address: str, size: str, transport: str) -> None:
     for _ in range(3):
         with PeakSampler() as peak:
             t = time.perf_counter()
-            loaded = await load_into(client, model, None, transport=transport, chunk_bytes=CHUNK)
+            loaded = await load_into(client, model, None, transport=transport, chunk_bytes=CHUNK, threads=THREADS)
             seconds.append(time.perf_counter() - t)
         extras.append(peak.extra)
     tracemalloc.start()
-    await load_into(client, model, None, transport=transport, chunk_bytes=CHUNK)
+    await load_into(client, model, None, transport=transport, chunk_bytes=CHUNK, threads=THREADS)
     python_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     print(json.dumps({"version": loaded.version, "load_s": min(seconds), "first_load_rss_extra_bytes": extras[0],
@@ -235,7 +236,7 @@ async def store_put_get(client, transport: str, src: dict, dst: dict, repeats: i
             k.zero_()
         with PeakSampler() as peak:
             t = time.perf_counter()
-            await load_into(client, dst, version, transport=transport, chunk_bytes=CHUNK)
+            await load_into(client, dst, version, transport=transport, chunk_bytes=CHUNK, threads=THREADS)
             get = time.perf_counter() - t
         version += 1
         if i == 0:
@@ -261,7 +262,9 @@ async def bench_size(size: str, store_address: str, raw_address: str, repeats: i
     version, memcpy, raw, baseline = first_version, [], [], rss_anon()
     for transport in ("shm", "grpc"):
         # References right before each store run, best of all: a shared machine's load drifts.
-        memcpy.append(memcpy_gbps(src, dst, repeats + 1))  # same count as the store runs (+ warm-up)
+        # Best of >= 10: torch's OpenMP copy_ stalls whenever another process holds a core (4 tries
+        # gave 0.3 GB/s on a loaded 2-core machine); more tries only make the reference harder to match.
+        memcpy.append(memcpy_gbps(src, dst, max(10, repeats + 1)))
         raw.append(await raw_grpc_gbps(raw_address, nbytes, repeats))
         r = await store_put_get(client, transport, src, dst, repeats, version, baseline)
         version = r.pop("next_version")

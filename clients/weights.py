@@ -10,7 +10,11 @@ with a per-tensor xxh3_64 checksum that the store verifies before it publishes.
 Transport is chosen per call ("auto"): shared memory when the store's segments are visible on
 this host (one memcpy per side), else raw bytes over gRPC in ~4 MiB messages. Loading copies
 straight from the segment or from each received message into the target tensors, casting on the
-fly (e.g. fp32 store -> bf16 model); the extra memory is a few messages (gRPC) or none (shm).
+fly (e.g. fp32 store -> bf16 model); the extra memory is one received message (gRPC; grpcio
+briefly needs two while it assembles one, see `_receive`) or none (shm).
+
+Segment mappings are kept per process (`_Mappings`): the store recycles freed segments for later
+versions, so a trainer or generator maps each of the few segments it meets once, not per call.
 
 torch and xxhash are imported inside the functions, so `import forgerpc.clients` stays light.
 """
@@ -18,8 +22,10 @@ torch and xxhash are imported inside the functions, so `import forgerpc.clients`
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import mmap
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping
@@ -32,6 +38,7 @@ from forgerpc.v1 import common_pb2, weight_store_pb2 as pb
 CHUNK_BYTES = 4 << 20  # gRPC message size: 1-4 MiB is the loopback sweet spot (ENVIRONMENT.md)
 ALIGN = 64
 _BLOCK = 1 << 20  # copy+hash granularity when filling a segment: fits in L2
+_COPY_BLOCK = 4 << 20  # unit of work when copying out of a segment in several threads
 SHM_DIR = "/dev/shm"
 CHECKSUM_ALGORITHM = "xxh3_64"
 # Map every page at once: one call instead of a page fault per 4 KiB (~0.5 s for 3.4 GB).
@@ -96,6 +103,102 @@ def _dtype_code(dtype) -> int:
 def _byte_view(t) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy (shape ())."""
     return memoryview(t.detach().reshape(-1).view(__import__("torch").uint8).numpy())
+
+
+def _address(buffer) -> int:
+    """Address of a buffer's first byte (bytes, mmap, memoryview; read-only ones too), no copy.
+
+    The caller keeps `buffer` alive while it uses the address.
+    """
+    import numpy as np
+    return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+
+
+def _memmove_all(jobs: list[tuple[int, int, int]], threads: int) -> None:
+    """Runs memmove(dst, src, n) for every (dst, src, n), split into 4 MiB pieces over `threads`.
+
+    ctypes drops the GIL for the call, so the threads copy in parallel; plain memmove in Python
+    threads also avoids torch's OpenMP fan-out, whose spinning workers stall on a busy machine.
+    """
+    pieces = [(d + lo, s + lo, min(_COPY_BLOCK, n - lo)) for d, s, n in jobs for lo in range(0, n, _COPY_BLOCK)]
+
+    def run(part) -> None:
+        for d, s, n in part:
+            ctypes.memmove(d, s, n)
+
+    if threads <= 1 or len(pieces) <= 1:
+        return run(pieces)
+    with ThreadPoolExecutor(threads, thread_name_prefix="copy") as pool:
+        list(pool.map(run, [pieces[i::threads] for i in range(threads)]))  # interleaved: balanced
+
+
+class _Mappings:
+    """This process's mappings of store segments, kept across calls and looked up by name.
+
+    The store hands freed segments out again (same name, same file) for later versions; mapping
+    one afresh costs a page-table entry per 4 KiB page (MAP_POPULATE of 270 MB: 10-25 ms here).
+    A kept mapping is MAP_SHARED on the same file, so it shows the bytes the store holds now,
+    never an old copy. An entry whose file is gone or was replaced (other inode or size) is
+    dropped at the next lookup (and by `prune`), and at most `keep` are held: a mapping of an
+    unlinked segment keeps its memory alive, so a reader pins at most one dead segment between
+    two loads (`forget_segments` lets go of all). Entries are dropped, never closed: a thread
+    still copying from one keeps it mapped until it lets go of the object.
+    """
+
+    def __init__(self, writable: bool, keep: int = 8):  # > retain_versions + spares + 1 upload
+        self.writable, self.keep = writable, keep
+        self.entries: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}  # oldest first
+        self.lock = threading.Lock()
+
+    def get(self, name: str) -> mmap.mmap:
+        """The segment `name` mapped whole (FileNotFoundError when it is not visible here)."""
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR if self.writable else os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            ident = (st.st_dev, st.st_ino, st.st_size)
+            with self.lock:
+                entry = self.entries.pop(name, None)
+                if entry is None or entry[0] != ident:
+                    prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+                    entry = (ident, mmap.mmap(fd, st.st_size, flags=_POPULATE, prot=prot))
+                self.entries[name] = entry
+                self._prune(name)
+                return entry[1]
+        finally:
+            os.close(fd)
+
+    def prune(self) -> None:
+        """Drops the mappings of segments that are gone (called after a publish retired some)."""
+        with self.lock:
+            self._prune("")
+
+    def _prune(self, current: str) -> None:
+        for name, (ident, _) in list(self.entries.items()):
+            if name == current:
+                continue
+            try:
+                st = os.stat(os.path.join(SHM_DIR, name))
+                alive = (st.st_dev, st.st_ino, st.st_size) == ident
+            except FileNotFoundError:
+                alive = False
+            if not alive:
+                del self.entries[name]
+        while len(self.entries) > self.keep:
+            del self.entries[next(iter(self.entries))]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+_UPLOAD_MAPPINGS = _Mappings(writable=True)  # upload segments this process filled (publish)
+_READ_MAPPINGS = _Mappings(writable=False)  # version segments this process read (load_into)
+
+
+def forget_segments() -> None:
+    """Drops this process's kept segment mappings (their memory goes once the store frees them)."""
+    _UPLOAD_MAPPINGS.clear()
+    _READ_MAPPINGS.clear()
 
 
 def _varint(n: int) -> bytes:
@@ -182,27 +285,22 @@ def _checksums(items, manifest, threads: int = 2) -> None:
             spec.checksum = digest
 
 
-def _fill_segment(path: str, items, manifest, threads: int = 2) -> None:
-    """Copies (and casts) every tensor into the segment and checksums what was written.
+def _fill_segment(name: str, items, manifest, threads: int = 2) -> None:
+    """Copies (and casts) every tensor into the upload segment and checksums what was written.
 
     Block by block (1 MiB): each block is hashed right after its copy, while it is still in
     cache, so the checksum costs ~1/5 of a second pass over memory (xxh3: ~19 GB/s in cache,
-    ~4-8 GB/s from DRAM here). Tensors are spread over `threads` threads; copy_ and xxhash
-    both release the GIL.
+    ~4-8 GB/s from DRAM here). Tensors are spread over `threads` threads; memmove, copy_ and
+    xxhash all release the GIL. The segment's mapping is kept for the next publish (`_Mappings`).
     """
-    import ctypes
-
     import torch
     import xxhash
 
-    fd = os.open(path, os.O_RDWR)
-    try:
-        mm = mmap.mmap(fd, manifest.total_bytes, flags=_POPULATE)
-    finally:
-        os.close(fd)
+    mm = _UPLOAD_MAPPINGS.get(name)
     flat, view = torch.frombuffer(mm, dtype=torch.uint8), memoryview(mm)
-
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    anchor = ctypes.c_char.from_buffer(mm)
+    base = ctypes.addressof(anchor)
+    del anchor  # the mapping outlives this call (kept in _UPLOAD_MAPPINGS and referenced by `mm`)
 
     def fill(i: int) -> int:
         spec, (_, tensor, out) = manifest.tensors[i], items[i]
@@ -227,7 +325,6 @@ def _fill_segment(path: str, items, manifest, threads: int = 2) -> None:
     finally:
         del flat
         view.release()
-        mm.close()
 
 
 async def _publish_shm(client, header: pb.PutWeightsHeader, items, threads: int) -> pb.PutWeightsResponse | None:
@@ -238,12 +335,14 @@ async def _publish_shm(client, header: pb.PutWeightsHeader, items, threads: int)
         if e.code == grpc.StatusCode.FAILED_PRECONDITION:
             return None
         raise
-    path = os.path.join(SHM_DIR, upload.segment_name)
-    if not os.path.exists(path):  # store on another host (or in another /dev/shm); the upload expires
-        return None
-    await asyncio.to_thread(_fill_segment, path, items, header.manifest, threads)
+    if not os.path.exists(os.path.join(SHM_DIR, upload.segment_name)):
+        return None  # store on another host (or in another /dev/shm); the upload expires
+    await asyncio.to_thread(_fill_segment, upload.segment_name, items, header.manifest, threads)
     header.upload_id = upload.upload_id
-    return await client.put_weights([pb.PutWeightsRequest(header=header)])
+    try:
+        return await client.put_weights([pb.PutWeightsRequest(header=header)])
+    finally:
+        _UPLOAD_MAPPINGS.prune()  # the publish may have retired (and unlinked) older segments
 
 
 async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes: int, timeout,
@@ -332,7 +431,8 @@ async def publish(client, state_dict: Mapping[str, Any], version: int, *, produc
 class _Writer:
     """Writes one tensor's bytes, arriving in pieces, into its target (casting if needed).
 
-    Same dtype: bytes go into a uint8 view of the target. Different dtype: whole elements are
+    Same dtype on the CPU: a memmove into the target's bytes (one thread, no OpenMP fan-out).
+    Same dtype elsewhere (CUDA): copy_ into a uint8 view. Different dtype: whole elements are
     cast with copy_; an element split across two messages waits in `carry` (< 8 bytes).
     """
 
@@ -347,9 +447,14 @@ class _Writer:
         self.src = torch.uint8 if same else src
         self.itemsize = 1 if same else spec.byte_size // max(target.numel(), 1)
         self.carry = bytearray()
+        self.address = flat.data_ptr() if same and flat.device.type == "cpu" else None
 
     def write(self, rel: int, piece: memoryview) -> None:
         import torch
+        if self.address is not None:
+            if len(piece):
+                ctypes.memmove(self.address + rel, _address(piece), len(piece))
+            return
         isz = self.itemsize
         if self.carry:
             need = isz - len(self.carry)
@@ -396,29 +501,34 @@ def _match(manifest, targets: dict, name_map: NameMap | None, strict: bool, part
     return pairs
 
 
-def _copy_from_segment(path: str, pairs) -> None:
+def _copy_from_segment(name: str, pairs, threads: int) -> None:
+    """Copies each tensor out of the version's segment (mapping kept, see `_Mappings`).
+
+    Same-dtype CPU targets: memmove in `threads` threads. Others (casts, CUDA, non-contiguous
+    targets): torch copy_ per tensor.
+    """
     import torch
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        mm = mmap.mmap(fd, 0, flags=_POPULATE, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            for spec, target in pairs:
-                n = target.numel()
-                if n:
-                    src = torch.frombuffer(mm, dtype=_torch_dtype(spec.dtype), count=n, offset=spec.offset)
-                    target.copy_(src.view(target.shape))
-                    del src
-    finally:
-        mm.close()
+    mm = _READ_MAPPINGS.get(name)
+    base, jobs = _address(mm), []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for spec, target in pairs:
+            n = target.numel()
+            if not n:
+                continue
+            dtype = _torch_dtype(spec.dtype)
+            if dtype == target.dtype and target.device.type == "cpu" and target.is_contiguous():
+                jobs.append((target.data_ptr(), base + spec.offset, spec.byte_size))
+            else:
+                src = torch.frombuffer(mm, dtype=dtype, count=n, offset=spec.offset)
+                target.copy_(src.view(target.shape))
+                del src
+    _memmove_all(jobs, threads)
 
 
 async def load_into(client, target, version: int | None = None, *, names: list[str] | None = None,
                     transport: str = "auto", name_map: NameMap | None = None, strict: bool = True,
-                    chunk_bytes: int = 0, timeout: float | None = None) -> common_pb2.WeightVersion:
+                    chunk_bytes: int = 0, threads: int = 2, timeout: float | None = None) -> common_pb2.WeightVersion:
     """Copies a stored version into existing tensors, in place; returns the version loaded.
 
     Args:
@@ -430,6 +540,7 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
         transport: "auto", "shm" or "grpc".
         name_map: store name -> target name (None skips the tensor), e.g. trainer -> HF naming.
         strict: every loaded tensor needs a target, and (full loads) every target a tensor.
+        threads: threads that copy out of a shared-memory segment.
     """
     tune_allocator()
     targets = _targets(target)
@@ -440,14 +551,15 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
     call = _rpc(client, "GetWeights", "unary_stream")(request.SerializeToString(), timeout=timeout or client.timeout,
                                                        metadata=client._metadata)
     try:
-        stream = call.__aiter__()
-        header = pb.GetWeightsResponse.FromString(await anext(stream)).header
+        first = await call.read()
+        if first is grpc.aio.EOF:
+            raise ForgeRPCError(grpc.StatusCode.DATA_LOSS, "SHORT_STREAM", "GetWeights ended before its header")
+        header = pb.GetWeightsResponse.FromString(first).header
         if header.transport == pb.TRANSPORT_SHARED_MEMORY:
             try:
                 pairs = _match(header.manifest, targets, name_map, strict, bool(names))
-                path = os.path.join(SHM_DIR, header.segment_name)
-                if os.path.exists(path):
-                    await asyncio.to_thread(_copy_from_segment, path, pairs)
+                if os.path.exists(os.path.join(SHM_DIR, header.segment_name)):
+                    await asyncio.to_thread(_copy_from_segment, header.segment_name, pairs, threads)
                     return header.version
             finally:
                 await client.release_lease(lease_id=header.lease_id)
@@ -455,9 +567,10 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
                 raise ForgeRPCError(grpc.StatusCode.FAILED_PRECONDITION, "SHARED_MEMORY_UNREACHABLE",
                                     f"segment {header.segment_name} is not visible from this process")
             return await load_into(client, target, header.version.version, names=names, transport="grpc",
-                                   name_map=name_map, strict=strict, chunk_bytes=chunk_bytes, timeout=timeout)
+                                   name_map=name_map, strict=strict, chunk_bytes=chunk_bytes, threads=threads,
+                                   timeout=timeout)
         pairs = _match(header.manifest, targets, name_map, strict, bool(names))
-        await _receive(stream, pairs, header.manifest.total_bytes)
+        await _receive(call, pairs, header.manifest.total_bytes)
         return header.version
     except grpc.aio.AioRpcError as e:
         raise _error(client, "GetWeights", e) from None
@@ -488,21 +601,21 @@ class _Router:
                 self.i += 1
 
 
-async def _receive(stream, pairs, total: int) -> None:
-    """Copies messages into the targets in a worker thread, one message in flight, so the event
-    loop takes the next message off the wire while the previous one is copied (copy_ drops the GIL)."""
-    router, pos, pending = _Router(pairs), 0, None
-    loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(1, thread_name_prefix="load") as pool:
-        try:
-            async for raw in stream:
-                data = _data_of(raw)
-                if pending is not None:
-                    await pending
-                pending = loop.run_in_executor(pool, router.feed, pos, data)
-                pos += len(data)
-        finally:
-            if pending is not None:
-                await pending
+async def _receive(call, pairs, total: int) -> None:
+    """Copies each message into the targets before taking the next one off the call.
+
+    At most one received message is alive here: `call.read()` rather than `async for`, whose
+    generator would hold message k while message k+1 is being built. gRPC's core keeps reading
+    the socket into its own buffers (within HTTP/2 flow control) while this copies, so the wire
+    does not wait for the copy (a memmove of 4 MiB: ~0.3 ms). grpcio itself assembles each
+    message in a bytearray and then copies it into bytes, so the Python peak of a load is about
+    2 messages (ReceiveMessageOperation.un_c), not 1.
+    """
+    router, pos = _Router(pairs), 0
+    while (raw := await call.read()) is not grpc.aio.EOF:
+        data = _data_of(raw)
+        router.feed(pos, data)
+        pos += len(data)
+        del raw, data  # freed before the next message is built
     if pos != total or router.i != len(router.writers):
         raise ForgeRPCError(grpc.StatusCode.DATA_LOSS, "SHORT_STREAM", f"received {pos} of {total} bytes")

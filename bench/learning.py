@@ -9,7 +9,13 @@ Each seed is one `forgerpc run` (every service its own process, a private Redis)
     gain_at_budget = acc(last eval with t - t0 <= budget) - acc(t0)
 
 where t0 is the GRPO baseline eval (the SFT warm start's accuracy, same held-out split) and the
-budget is the issue's 5 minutes of GRPO. Reports mean and sample std over seeds, plus each run's
+budget is the issue's 5 minutes of GRPO. A run that stops on `grpo.max_seconds` (configs/grpo_tiny.yaml:
+300, the same clock) ends on the step that crosses the budget, a fraction of a second past it: its
+final eval counts (`STEP_SLACK`).
+
+Machines differ (the same 2-core kind ran the bare loop at 1,165 and at 488 episodes/s on two days),
+so the run also measures `bare_episodes_per_s` (bench/pipeline.py's single-process loop of the same
+model, all cores) and reports each seed's episodes/s beside it. Reports mean and sample std over seeds, plus each run's
 GRPO episodes/s. Writes bench/results/learning.json. Nothing here tunes the eval: the split,
 greedy decoding and exact-match scoring are the run's own.
 """
@@ -26,6 +32,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEP_SLACK = 2.0  # seconds: one GRPO step (~0.3-0.5 s here) past the budget still counts
 
 
 def summarize(metrics_file: pathlib.Path, budget: float) -> dict:
@@ -35,7 +42,7 @@ def summarize(metrics_file: pathlib.Path, budget: float) -> dict:
     start = next(r for r in grpo if r["step"] == 0)
     t0, acc0 = start["time"], start["eval_accuracy"]
     evals = [r for r in grpo if "eval_accuracy" in r and r["step"] > 0]
-    within = [r for r in evals if r["time"] - t0 <= budget]
+    within = [r for r in evals if r["time"] - t0 <= budget + STEP_SLACK]
     last = grpo[-1]
     return {
         "sft_start": sft[0]["eval_accuracy"] if sft else None,
@@ -50,6 +57,19 @@ def summarize(metrics_file: pathlib.Path, budget: float) -> dict:
         "episodes_per_s": last.get("episodes_per_s"),
         "curve": [(round(r["time"] - t0, 1), r["eval_accuracy"]) for r in evals],
     }
+
+
+def bare_reference(config: str, steps: int = 60) -> dict:
+    """bench/pipeline.py's bare in-process GRPO loop on CONFIG's model (the machine's speed)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import pipeline
+    from forgerpc.clients.config import load_config
+    from forgerpc.orchestrator.config import RunConfig
+
+    path = ROOT / config
+    grpo = load_config(RunConfig, path).grpo
+    return pipeline.part_bare(argparse.Namespace(config=path, threads=0, bare_steps=steps),
+                              grpo.prompts_per_step, grpo.group_size)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -86,9 +106,11 @@ def main() -> None:
         runs.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
 
+    bare = bare_reference(args.config)
+    print(json.dumps({"bare": bare}), flush=True)
     out = {"config": args.config, "overrides": args.overrides, "budget_seconds": args.budget_seconds,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_end": os.getloadavg()[0],
-           "runs": runs}
+           "bare_episodes_per_s": bare["episodes_per_s"], "bare": bare, "runs": runs}
     for key in ("grpo_start", "acc_at_budget", "gain_at_budget", "final", "final_gain", "episodes_per_s"):
         values = [r[key] for r in runs if r[key] is not None]
         if values:

@@ -292,7 +292,8 @@ def part_bare(args, batch_prompts: int, group: int) -> dict:
 
     cfg = load_config(RunConfig, args.config)
     m, g = cfg.model, cfg.grpo
-    threads = args.threads or cfg.services["trainer"].config.get("threads") or torch.get_num_threads()
+    # The reference gets every core (torch's default), whatever threads the services are given.
+    threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_model(tmp, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,

@@ -59,6 +59,9 @@ class GRPOConfig(Config):
     group_size: int = Field(default=8, ge=2)
     prompts_per_step: int = Field(default=16, ge=1)
     steps: int = Field(default=100, ge=1)
+    # Wall-clock budget of the GRPO phase: the step that crosses it is the last one (final eval and
+    # checkpoint as at `steps`). 0 = run all `steps`. A resumed run gets the budget afresh.
+    max_seconds: float = Field(default=0, ge=0)
     max_staleness: int = Field(default=0, ge=0)
     publish_every: int = Field(default=1, ge=1)
     eval_every: int = Field(default=20, ge=1)

@@ -57,6 +57,7 @@ class GRPO:
         self.metrics = Metrics(run_dir, on_row)
         self.version = 0
         self.started = time.time()
+        self.budget_start = self.started  # reset after the baseline eval (see run)
         self.start = resume or Position("grpo", step=0, version=0)
         self.drawn = self.start.drawn  # data position: prompts drawn so far
         self.reset_pending = settings.reset_optimizer and not self.start.step  # see GRPOConfig.reset_optimizer
@@ -151,14 +152,18 @@ class GRPO:
             # After publishing: new rollouts use the new weights.
             self.release(len({e.group_id for e in batch.episodes}) + await self.dropped_groups())
             row["buffer_size"] = self.buffer_size
-            if step % self.cfg.eval_every == 0 or step == self.cfg.steps:
+            # The budget runs from the baseline eval (the step-0 row), like bench/learning.py's clock.
+            last = step == self.cfg.steps or 0 < self.cfg.max_seconds <= row["time"] - self.budget_start
+            if step % self.cfg.eval_every == 0 or last:
                 row["eval_accuracy"] = await self.evaluate()
             self.metrics.write(row)
             log.info("step %d %s", step, row)
             every = self.cfg.checkpoint_every
-            if (every and step % every == 0) or step == self.cfg.steps:
+            if (every and step % every == 0) or last:
                 await checkpoint(self.s, self.metrics, Position("grpo", step, self.version, drawn=self.drawn,
                                                                 episodes=row["episodes"]))
+            if last:
+                break
 
     async def dropped_groups(self) -> int:
         """Groups the buffer filtered (all rewards equal) or evicted as stale since the last call:
@@ -182,9 +187,10 @@ class GRPO:
         workers = [asyncio.create_task(self.rollout_worker(i)) for i in range(self.cfg.rollout_workers)]
         try:
             baseline = await self.evaluate()
+            self.budget_start = time.time()
             if not self.start.step:
                 self.metrics.write({"phase": "grpo", "step": 0, "version": self.version, "eval_accuracy": baseline,
-                                    "time": time.time()})
+                                    "time": self.budget_start})
             await self.train()
             final = await self.evaluate()
         finally:

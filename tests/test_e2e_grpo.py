@@ -38,7 +38,7 @@ def _run(run_dir, *overrides):
 
 @pytest.mark.slow
 def test_grpo_run_end_to_end(tmp_path):
-    out = _run(tmp_path)
+    out = _run(tmp_path, "grpo.max_staleness=0", "services.replay_buffer.config.max_policy_age=0")  # synchronous
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     sft = [r for r in rows if r.get("phase") == "sft"]
@@ -72,6 +72,24 @@ def test_grpo_run_end_to_end(tmp_path):
     assert linked and linked <= rollouts, (len(linked), len(rollouts))
     assert (tmp_path / "redis").is_dir(), "the private Redis kept its data in the run directory"
     assert _ours(tmp_path) == set(), "service or Redis processes left behind"
+
+
+@pytest.mark.slow
+def test_time_budget_ends_grpo_with_eval_and_checkpoint(tmp_path):
+    """configs/grpo_tiny.yaml as written (one version ahead), with a 3-second GRPO budget: the step
+    that crosses it is the last, with its eval and checkpoint, long before grpo.steps."""
+    out = _run(tmp_path, "sft.steps=0", "grpo.steps=100000", "grpo.max_seconds=3")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in rows if r.get("phase") == "grpo"]
+    start, last = grpo[0], grpo[-1]
+    assert start["step"] == 0 and 0 < last["step"] < 100000 and "eval_accuracy" in last
+    assert 3 <= last["time"] - start["time"] < 3 + 10  # within a step (and its publish) of the budget
+    assert [r["time"] - start["time"] < 3 for r in grpo[1:]] == [True] * (len(grpo) - 2) + [False]
+    assert all(r["staleness"] <= 1 for r in grpo[1:]), "max_staleness 1: episodes at most one version old"
+    newest = sorted((tmp_path / "checkpoints").glob("step-*/meta.json"))[-1]
+    assert json.loads(json.loads(newest.read_text())["data_position"])["step"] == last["step"]
+    assert _ours(tmp_path) == set()
 
 
 @pytest.mark.slow

@@ -27,7 +27,8 @@ from forgerpc.orchestrator.report import latest_rows
 SHORT = ["sft.steps=10", "sft.eval_every=5", "sft.batch_size=16", "grpo.eval_every=2", "grpo.checkpoint_every=2",
          "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.eval_size=16", "task.eval_size=16",
          "grpo.rollout_workers=2", "model.hidden_size=32", "model.layers=2",
-         "services.weight_store.replicas=1", "services.generator.replicas=2"]
+         "grpo.max_staleness=0", "services.replay_buffer.config.max_policy_age=0",  # on-policy: see the asserts
+         "services.weight_store.replicas=1", "services.generator.replicas=2"]  # (SHORT[:-2] drops these two)
 
 
 def _run(*args):

@@ -30,7 +30,8 @@ Parts:
              `grpo_loss` (services/trainer/losses.py), AdamW, grad clipping; one step per batch.
              Run before and after the service run; the figure is the mean of the two.
              -> bare_episodes_per_s
-  service    CONFIG as written (synchronous, on-policy, like bare), no SFT, no eval in the window.
+  service    CONFIG as written (grpo_tiny: the `make run` default, one version ahead, one torch thread
+             per service), no SFT, no eval in the window, all --steps (its max_seconds off).
              -> service_episodes_per_s, service_vs_bare = service / bare (target >= 0.7)
   staleness  CONFIG with max_staleness 0, then 4 (buffer max_policy_age alike), the generator pinned to
              core 0 and the trainer to core 1 (stack config `cpus`; each stands in for its own
@@ -42,7 +43,8 @@ Parts:
                 ideal_async_speedup = (g + t) / max(g, t); time_to_target_s per mode = seconds from
                 the GRPO start until eval accuracy >= its GRPO-start value + --target-gain (0.5)
 
---threads N sets the torch threads of bare and of the service run (0 = CONFIG's): on a machine
+--threads N sets the torch threads of bare and of the service run (0 = all cores for bare, CONFIG's
+for the services): on a machine
 shared with other jobs, 2-thread GEMMs stall when a sibling thread is descheduled (bare measured
 17 vs 197 episodes/s with 2 vs 1 threads at load average 11), so compare like with like.
 Results go to bench/results/pipeline.json (parts not run keep their previous figures).
@@ -68,7 +70,7 @@ OUT = ROOT / "bench" / "results" / "pipeline.json"
 CONFIG = ROOT / "configs" / "grpo_tiny.yaml"
 
 NULL_OVERRIDES = [  # the framework alone: no model generates, the reward reads nothing
-    "sft.steps=0", "grpo.max_staleness=4", "grpo.eval_size=16",
+    "sft.steps=0", "grpo.max_staleness=4", "grpo.max_seconds=0", "grpo.eval_size=16",
     "model.hidden_size=16", "model.layers=1", "model.heads=2", "model.kv_heads=1",
     "services.generator.config={backend: 'null', max_n: 16}",
     "services.reward.config.functions=[{kind: constant}]",
@@ -128,15 +130,18 @@ def time_to_target(rows: list[dict], gain: float) -> tuple[float | None, float |
     return None, base["eval_accuracy"], best
 
 
-def per_step_ms(spans: dict[str, list[float]], steps: int, names=("sample", "train", "publish", "update_weights")):
-    return {n: round(1000 * sum(spans.get(n, [])) / steps, 2) for n in names}
+def per_step_ms(spans: dict[str, list[float]], names=("sample", "train", "publish", "update_weights")):
+    """Mean ms of each once-per-step phase over the spans recorded. A run that samples traces
+    (grpo_tiny: trace_sample_ratio 0.1) records ~1 step in 10, so this is the mean of those, not
+    their sum over all steps (which read 10x too small before 2026-11-27)."""
+    return {n: round(1000 * sum(spans[n]) / len(spans[n]), 2) if spans.get(n) else None for n in names}
 
 
 def summarize(run: dict, batch: int) -> dict:
     steps = max(r["step"] for r in run["rows"])
     return {"command": run["command"], "steps": steps, "wall_s": round(run["wall_s"], 1),
             "episodes_per_s": round(steady_rate(run["rows"], batch), 1),
-            "phase_ms_per_step": per_step_ms(run["spans"], steps)}
+            "phase_ms_per_step": per_step_ms(run["spans"])}
 
 
 # ---- the parts ------------------------------------------------------------------------------------
@@ -248,15 +253,15 @@ def thread_overrides(args) -> list[str]:
 
 
 def part_service(args, work: pathlib.Path, batch: int) -> dict:
-    overrides = ["sft.steps=0", f"grpo.steps={args.steps}", f"grpo.eval_every={10 ** 9}", "grpo.eval_size=16",
-                 *thread_overrides(args)]
+    overrides = ["sft.steps=0", f"grpo.steps={args.steps}", "grpo.max_seconds=0", f"grpo.eval_every={10 ** 9}",
+                 "grpo.eval_size=16", *thread_overrides(args)]
     return summarize(forgerpc_run(args.config, overrides, work / "service", work / "service.log"), batch)
 
 
 def part_staleness(args, work: pathlib.Path, batch: int) -> dict:
     out = {}
     for name, staleness in (("sync", 0), ("async", 4)):
-        overrides = [*PIN, f"sft.steps={args.sft_steps}", f"grpo.steps={args.staleness_steps}",
+        overrides = [*PIN, f"sft.steps={args.sft_steps}", f"grpo.steps={args.staleness_steps}", "grpo.max_seconds=0",
                      f"grpo.eval_every={args.eval_every}", f"grpo.max_staleness={staleness}",
                      f"services.replay_buffer.config.max_policy_age={staleness}"]
         run = forgerpc_run(args.config, overrides, work / name, work / f"{name}.log")

@@ -72,7 +72,8 @@ class GRPOConfig(Config):
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     std_normalize: bool = True
     # The first GRPO step of a run (not of a resumed one) starts from fresh AdamW moments and a
-    # restarted schedule: SFT's second moments would otherwise shrink the RL steps for ~1,000 steps.
+    # restarted schedule, as a run from an SFT checkpoint would (no visible effect on grpo_tiny's
+    # learning: bench/README.md, E1 vs E2; it keeps GRPO independent of how long SFT ran).
     reset_optimizer: bool = True
     seed: int = 0
     # Trainer checkpoint (+ the app's data position) every K steps and at the last step; 0 = last

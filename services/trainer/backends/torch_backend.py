@@ -122,8 +122,8 @@ class TorchBackend:
         self.data_position = ""
 
     def reset_optimizer(self) -> None:
-        """Fresh AdamW moments and a restarted schedule; weights and counters stay. Called before
-        the first RL step after an SFT warm start (TrainStepRequest.reset_optimizer)."""
+        """Fresh AdamW moments and a restarted schedule; weights and counters stay (TrainStepRequest.
+        reset_optimizer: the first RL step after an SFT warm start)."""
         step, version, position = self.step, self.policy_version, self.data_position
         self._init_training_state(self.cfg)
         self.step, self.policy_version, self.data_position = step, version, position

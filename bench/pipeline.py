@@ -275,7 +275,8 @@ def part_staleness(args, work: pathlib.Path, batch: int) -> dict:
                    max_staleness_seen=max(r.get("staleness", 0) for r in run["rows"]))
         out[name] = row
     sync = out["sync"]
-    t = sum(sync["phase_ms_per_step"][n] for n in ("train", "publish", "update_weights"))
+    # A phase no sampled trace recorded (a short run) counts 0, as before the per-span mean.
+    t = sum(sync["phase_ms_per_step"][n] or 0.0 for n in ("train", "publish", "update_weights"))
     g = max(sync["step_wall_ms_median"] - t, 0.0)
     out["g_ms"], out["t_ms"] = round(g, 2), round(t, 2)
     out["ideal_async_speedup"] = round((g + t) / max(g, t), 3) if max(g, t) > 0 else None

@@ -298,9 +298,7 @@ def _fill_segment(name: str, items, manifest, threads: int = 2) -> None:
 
     mm = _UPLOAD_MAPPINGS.get(name)
     flat, view = torch.frombuffer(mm, dtype=torch.uint8), memoryview(mm)
-    anchor = ctypes.c_char.from_buffer(mm)
-    base = ctypes.addressof(anchor)
-    del anchor  # the mapping outlives this call (kept in _UPLOAD_MAPPINGS and referenced by `mm`)
+    base = _address(mm)  # valid while `mm` lives (kept in _UPLOAD_MAPPINGS)
 
     def fill(i: int) -> int:
         spec, (_, tensor, out) = manifest.tensors[i], items[i]

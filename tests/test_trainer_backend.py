@@ -90,6 +90,45 @@ def test_group_advantages_when_missing(model_dir):
     assert adv[:4].sum().abs() < 1e-5 and adv[0] < 0 < adv[1]
 
 
+@pytest.mark.parametrize("kind", ["grpo", "dapo", "dr_grpo"])
+def test_zero_advantage_episodes_are_skipped_with_the_same_gradient(model_dir, kind):
+    """Half the batch has advantage 0 (two groups whose rewards were all equal): the step leaves those
+    episodes out, and its gradient equals the full batch's computed micro-batch by micro-batch with
+    the whole batch's counts. Normalizing by the kept episodes only would scale it by 2 (grpo) or
+    by the token ratio (dapo) and fail this."""
+    batch = episodes(8)
+    for s in batch[4:]:
+        s.advantage = 0.0
+    b = backend(model_dir, micro_batch_size=2, loss={"kind": kind})
+    b.accumulate_gradients(batch)
+    skipped = {n: p.grad.clone() for n, p in b.model.named_parameters() if p.grad is not None}
+    b.optimizer.zero_grad(set_to_none=True)
+    counts = dict(num_sequences=8, num_tokens=sum(sum(s.mask) for s in batch),
+                  max_tokens=max(len(s.response) for s in batch))
+    out, _ = b._micro_batch(batch, torch.tensor([s.advantage for s in batch]), "policy_gradient", counts)
+    out.loss.backward()
+    assert skipped
+    for n, p in b.model.named_parameters():
+        if n in skipped:
+            assert torch.allclose(skipped[n], p.grad, atol=1e-6), n
+    result = backend(model_dir, loss={"kind": kind}).train_step(batch)
+    assert result.tokens == sum(len(s.response) for s in batch[:4])  # only the kept episodes ran
+
+
+def test_all_zero_advantages_leave_the_weights(model_dir):
+    """A batch whose every group had equal rewards carries no gradient: AdamW moves nothing (no weight
+    decay), but the step still counts, as any policy-gradient step with zero gradient would."""
+    b = backend(model_dir)
+    before = weights(b)
+    batch = episodes(8)
+    for s in batch:
+        s.advantage = 0.0
+    result = b.train_step(batch)
+    assert (result.step, result.tokens, result.loss, result.skipped) == (1, 0, 0.0, False)
+    for k, v in weights(b).items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_stale_episodes_use_tis(model_dir):
     """Stale episodes (policy_version behind the trainer's) get a proximal ratio (never clipped) + TIS."""
     b = backend(model_dir)

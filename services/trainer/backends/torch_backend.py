@@ -174,7 +174,9 @@ class TorchBackend:
     def accumulate_gradients(self, samples: list[Sample], objective: str = "policy_gradient") -> list[float]:
         """Forward and backward over the whole batch, micro-batch by micro-batch; gradients add up
         in the parameters' `.grad` (the caller zeroes them). Returns the batch's
-        [loss, kl_sum, clipped, tokens, entropy_sum], summed over micro-batches and ranks."""
+        [loss, kl_sum, clipped, tokens, entropy_sum], summed over micro-batches and ranks; a
+        policy-gradient batch's zero-advantage episodes are skipped, so tokens, clipped and
+        entropy_sum count only the episodes that carry a gradient."""
         n_tokens = sum(sum(s.mask) for s in samples)
         counts = dict(num_sequences=len(samples), num_tokens=max(n_tokens, 1),
                       max_tokens=self.cfg.loss.max_tokens or max(len(s.response) for s in samples))
@@ -185,6 +187,13 @@ class TorchBackend:
             units, run = rows, lambda idx: self._packed_micro_batch([rows[j] for j in idx], counts)
         else:
             advantages = self._advantages(samples)
+            if objective == "policy_gradient" and self.ref_model is None:
+                # Without a KL term an episode with advantage 0 has loss -min(r * 0, clip(r) * 0) = 0
+                # and no gradient, and `counts` above are the whole batch's: leaving it out gives the
+                # same gradient for less compute. In GRPO that is every group whose rewards are all
+                # equal (all right or all wrong), often half a batch.
+                keep = advantages.nonzero().flatten().tolist()
+                samples, advantages = [samples[j] for j in keep], advantages[keep]
             units, run = samples, lambda idx: self._micro_batch(
                 [samples[j] for j in idx], advantages[idx], objective, counts)
         mine = list(range(self.rank, len(units), self.world))

@@ -141,6 +141,8 @@ class GRPO:
             row = {"phase": "grpo", "step": step, "version": self.version, "trainer_step": result.step,
                    "loss": result.loss, "kl": result.kl,
                    "reward_mean": statistics.fmean(e.reward for e in batch.episodes),
+                   # Episodes of groups with all-equal rewards: no gradient (the trainer skips them).
+                   "zero_advantage": statistics.fmean(e.advantage == 0 for e in batch.episodes),
                    "staleness": self.version - min(e.policy_version for e in batch.episodes),
                    "episodes": self.start.episodes + self.metrics.counts.get("episodes", 0),
                    "episodes_per_s": self.metrics.counts.get("episodes", 0) / elapsed,

@@ -142,7 +142,8 @@ class Position:
     phase: "sft" or "grpo"; step: the phase's last completed step; version: the policy version
     published at that point; drawn: GRPO training prompts drawn so far (prompt i comes from its
     own seeded RNG); episodes: GRPO episodes generated so far; rng: the SFT sampler's
-    random.getstate().
+    random.getstate(); done: the phase ended early (SFT reached sft.until_accuracy),
+    so a resume goes straight to the next one.
     """
 
     phase: str
@@ -151,6 +152,7 @@ class Position:
     drawn: int = 0
     episodes: int = 0
     rng: list | None = None
+    done: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -9,7 +9,7 @@
     trainer (weights, AdamW,     LoadCheckpoint: the next TrainStep is checkpoint step + 1
       schedule, torch RNG, step)
     phase, step counters,        the app's Position, saved as the checkpoint's data_position
-      data position, SFT RNG
+      data position, SFT RNG     (an SFT that stopped at sft.until_accuracy is over: GRPO next)
     generator weights            the loaded weights are published under a version number above
                                  any the run ever published (run_dir/published_version), so a
                                  number never names two sets of weights
@@ -245,7 +245,7 @@ async def run_app(cfg: RunConfig, addresses: dict[str, list[str]], run_dir: path
         if resume:
             position, version = await resume_point(services, run_dir)
             result["resumed_from"] = f"{position.phase} step {position.step}"
-        sft_done = position is not None and position.phase != "sft"
+        sft_done = position is not None and (position.phase != "sft" or position.done)
         if (cfg.sft.steps or cfg.app == "sft") and not sft_done:
             sft = SFT(services, task, cfg.sft, run_dir, eval_size=cfg.grpo.eval_size,
                       max_tokens=cfg.grpo.max_tokens, stop=cfg.grpo.stop, seed=cfg.task.seed,

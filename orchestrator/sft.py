@@ -98,10 +98,11 @@ class SFT:
                 if self.cfg.until_accuracy:
                     row["train_accuracy"] = await evaluate(self.s, self.metrics, *self.check_args)
             self.metrics.write(row)
+            warm = row.get("train_accuracy", 0.0) >= self.cfg.until_accuracy > 0
             if boundary:  # the row first: a resumed run never misses the row of its checkpoint step
-                await checkpoint(self.s, self.metrics, Position("sft", step, self.version,
-                                                                rng=list(self.rng.getstate())))
-            if row.get("train_accuracy", 0.0) >= self.cfg.until_accuracy > 0:
+                await checkpoint(self.s, self.metrics, Position("sft", step, self.version, rng=list(self.rng.getstate()),
+                                                                done=warm))
+            if warm:
                 break  # warm enough: RL takes it from here
         after = await evaluate(self.s, self.metrics, *self.eval_args) if self.cfg.steps else before
         self.metrics.close()

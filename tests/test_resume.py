@@ -5,6 +5,7 @@ has one. Plus the pieces that need no services (Position, the progress display).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -162,6 +163,9 @@ def test_private_redis_with_data_dir_restarts_from_its_files(tmp_path):
 def test_position_round_trip_and_bad_input():
     p = Position("sft", step=7, version=2, rng=[3, list(range(625)), None])
     assert Position.from_json(p.to_json()) == p
+    assert Position.from_json(dataclasses.replace(p, done=True).to_json()).done
+    # A checkpoint written before `done` existed reads as not done.
+    assert not Position.from_json('{"phase": "sft", "step": 7, "version": 2}').done
     for bad in ("", "[1, 2]", '{"phase": "grpo"}', '{"phase": "grpo", "step": 1, "version": 1, "x": 1}'):
         with pytest.raises(ValueError, match="data_position"):
             Position.from_json(bad)

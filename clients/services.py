@@ -57,7 +57,9 @@ class ReplayBufferClient(AsyncClient):
         return await self._unary("AddEpisodes", request, fields, timeout)
 
     async def sample(self, request=None, /, *, timeout=None, **fields) -> rb_pb.SampleResponse:
-        return await self._unary("Sample", request, fields, timeout)
+        # The server may hold the call for wait_seconds before it answers: the deadline starts after that.
+        wait = request.wait_seconds if request is not None else fields.get("wait_seconds", 0.0)
+        return await self._unary("Sample", request, fields, timeout or self.timeout + wait)
 
     async def ack(self, request=None, /, *, timeout=None, **fields) -> rb_pb.AckResponse:
         return await self._unary("Ack", request, fields, timeout)

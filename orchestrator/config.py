@@ -71,6 +71,12 @@ class GRPOConfig(Config):
     max_tokens: int = Field(default=8, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     std_normalize: bool = True
+    # DAPO's dynamic sampling (Yu et al. 2025): a group whose rewards are all equal has advantage 0
+    # everywhere and teaches nothing, so the rollout drops it and samples another prompt; training
+    # batches then hold only groups with a signal. (The replay buffer's own
+    # filter_equal_reward_groups is for other producers: with it, GRPO gets permits back only once
+    # per step.)
+    drop_equal_reward_groups: bool = False
     # The first GRPO step of a run (not of a resumed one) starts from fresh AdamW moments and a
     # restarted schedule, as a run from an SFT checkpoint would (no visible effect on grpo_tiny's
     # learning: bench/README.md, E1 vs E2; it keeps GRPO independent of how long SFT ran).

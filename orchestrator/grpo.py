@@ -98,6 +98,12 @@ class GRPO:
                      for c in out.completions]
             scores = (await self.s.reward.evaluate.route(items=items)).scores
         rewards = [s.score for s in scores]
+        self.metrics.count("episodes", len(rewards))
+        self.metrics.count("tokens", sum(len(c.token_ids) for c in out.completions))
+        if self.cfg.drop_equal_reward_groups and len(set(rewards)) == 1:
+            self.metrics.count("groups_dropped")
+            self.groups_in_flight.release()  # no gradient in it: sample another prompt instead
+            return
         advantages = group_advantages(rewards, self.cfg.std_normalize)
         group_id = prompt.prompt_id
         episodes = [
@@ -112,8 +118,6 @@ class GRPO:
         ]
         with self.metrics.phase("enqueue"):
             await self.s.buffer.add_episodes.route(episodes=episodes)
-        self.metrics.count("episodes", len(episodes))
-        self.metrics.count("tokens", sum(len(c.token_ids) for c in out.completions))
 
     def release(self, groups: int) -> None:
         """Gives rollout permits back, first paying off groups that predate this run."""
@@ -129,9 +133,10 @@ class GRPO:
             with self.metrics.phase("sample"):
                 batch = await self.s.buffer.sample.call_one(batch_size=batch_size, whole_groups=True,
                                                             current_policy_version=self.version, wait_seconds=60)
-            if not batch.episodes:
-                self.release(await self.dropped_groups())
-                continue
+                while not batch.episodes:  # what was there was filtered or evicted: its permits come back
+                    self.release(await self.dropped_groups())
+                    batch = await self.s.buffer.sample.call_one(batch_size=batch_size, whole_groups=True,
+                                                                current_policy_version=self.version, wait_seconds=60)
             with self.metrics.phase("train", links=rollout_links(batch.episodes)):
                 result = await self.s.trainer.train_step.call_one(episodes=batch.episodes,
                                                                   reset_optimizer=self.reset_pending)
@@ -145,6 +150,7 @@ class GRPO:
                    "zero_advantage": statistics.fmean(e.advantage == 0 for e in batch.episodes),
                    "staleness": self.version - min(e.policy_version for e in batch.episodes),
                    "episodes": self.start.episodes + self.metrics.counts.get("episodes", 0),
+                   "groups_dropped": self.metrics.counts.get("groups_dropped", 0),
                    "episodes_per_s": self.metrics.counts.get("episodes", 0) / elapsed,
                    "tokens_per_s": self.metrics.counts.get("tokens", 0) / elapsed,
                    "time": time.time()}

@@ -93,6 +93,21 @@ def test_time_budget_ends_grpo_with_eval_and_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_dynamic_sampling_trains_only_groups_with_a_signal(tmp_path):
+    """grpo.drop_equal_reward_groups: a random model's responses start with a digit now and then, so
+    some groups get mixed rewards and most get all 0; only the mixed ones reach the trainer."""
+    out = _run(tmp_path, "sft.steps=0", "grpo.steps=3", "grpo.drop_equal_reward_groups=true",
+               "services.reward.config={functions: [{kind: regex_match, options: {pattern: '^[0-9]'}}]}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("phase") == "grpo" and r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["zero_advantage"] == 0.0 for r in steps), "an all-equal group reached the trainer"
+    assert steps[-1]["groups_dropped"] > 0
+    assert 0 < steps[-1]["reward_mean"] < 1
+
+
+@pytest.mark.slow
 def test_swap_reward_service_by_address(tmp_path):
     calls = tmp_path / "calls"
     minimal = subprocess.Popen([sys.executable, str(ROOT / "tests/minimal_reward.py"), str(calls)],

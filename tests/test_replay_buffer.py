@@ -117,6 +117,16 @@ async def test_whole_groups_filtering_staleness_and_stats(serve_process, prefix)
         assert stats.acked_total == 8 and stats.stream_length == 4
 
 
+async def test_sample_wait_longer_than_the_client_timeout_is_not_a_deadline(serve_process, prefix):
+    """The SDK's deadline for Sample starts after wait_seconds: an empty buffer answers after the
+    wait with an empty batch, not DEADLINE_EXCEEDED from a client whose timeout is shorter."""
+    proc = serve_process("replay_buffer", *buffer_args(prefix))
+    async with ReplayBufferClient(proc.address, timeout=0.5) as client:
+        start = time.monotonic()
+        out = await client.sample(batch_size=4, wait_seconds=1.0)
+        assert list(out.episodes) == [] and time.monotonic() - start >= 1.0
+
+
 async def test_unacked_batch_is_served_again_after_visibility_timeout(serve_process, prefix):
     proc = serve_process("replay_buffer", *buffer_args(prefix, "visibility_timeout_seconds=1"))
     async with ReplayBufferClient(proc.address) as client:

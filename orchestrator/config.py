@@ -77,6 +77,10 @@ class GRPOConfig(Config):
     # filter_equal_reward_groups is for other producers: with it, GRPO gets permits back only once
     # per step.)
     drop_equal_reward_groups: bool = False
+    # Optimizer steps per batch (the GRPO paper's mu, TRL's num_iterations): later passes see a
+    # policy that has moved since the generator sampled, and the PPO ratio's clip bounds how far it
+    # goes. Each pass is one trainer step, so the trainer's optim.total_steps counts passes.
+    ppo_epochs: int = Field(default=1, ge=1)
     # The first GRPO step of a run (not of a resumed one) starts from fresh AdamW moments and a
     # restarted schedule, as a run from an SFT checkpoint would (no visible effect on grpo_tiny's
     # learning: bench/README.md, E1 vs E2; it keeps GRPO independent of how long SFT ran).

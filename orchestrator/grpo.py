@@ -138,9 +138,10 @@ class GRPO:
                     batch = await self.s.buffer.sample.call_one(batch_size=batch_size, whole_groups=True,
                                                                 current_policy_version=self.version, wait_seconds=60)
             with self.metrics.phase("train", links=rollout_links(batch.episodes)):
-                result = await self.s.trainer.train_step.call_one(episodes=batch.episodes,
-                                                                  reset_optimizer=self.reset_pending)
-            self.reset_pending = False
+                for _ in range(self.cfg.ppo_epochs):
+                    result = await self.s.trainer.train_step.call_one(episodes=batch.episodes,
+                                                                      reset_optimizer=self.reset_pending)
+                    self.reset_pending = False
             await self.s.buffer.ack.call_one(batch_id=batch.batch_id)
             elapsed = time.time() - self.started
             row = {"phase": "grpo", "step": step, "version": self.version, "trainer_step": result.step,

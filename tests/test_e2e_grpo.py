@@ -93,10 +93,11 @@ def test_time_budget_ends_grpo_with_eval_and_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_dynamic_sampling_trains_only_groups_with_a_signal(tmp_path):
+def test_dynamic_sampling_and_ppo_epochs(tmp_path):
     """grpo.drop_equal_reward_groups: a random model's responses start with a digit now and then, so
-    some groups get mixed rewards and most get all 0; only the mixed ones reach the trainer."""
-    out = _run(tmp_path, "sft.steps=0", "grpo.steps=3", "grpo.drop_equal_reward_groups=true",
+    some groups get mixed rewards and most get all 0; only the mixed ones reach the trainer.
+    grpo.ppo_epochs=2: two trainer steps per batch."""
+    out = _run(tmp_path, "sft.steps=0", "grpo.steps=3", "grpo.drop_equal_reward_groups=true", "grpo.ppo_epochs=2",
                "services.reward.config={functions: [{kind: regex_match, options: {pattern: '^[0-9]'}}]}")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -105,6 +106,7 @@ def test_dynamic_sampling_trains_only_groups_with_a_signal(tmp_path):
     assert all(r["zero_advantage"] == 0.0 for r in steps), "an all-equal group reached the trainer"
     assert steps[-1]["groups_dropped"] > 0
     assert 0 < steps[-1]["reward_mean"] < 1
+    assert [r["trainer_step"] for r in steps] == [2, 4, 6]
 
 
 @pytest.mark.slow

@@ -60,7 +60,10 @@ def summarize(metrics_file: pathlib.Path, budget: float) -> dict:
 
 
 def bare_reference(config: str, steps: int = 60) -> dict:
-    """bench/pipeline.py's bare in-process GRPO loop on CONFIG's model (the machine's speed)."""
+    """bench/pipeline.py's bare in-process GRPO loop on CONFIG's model (the machine's speed). It
+    trains ~98 % of its episodes (`trained_fraction`), a real run's trainer only those of groups
+    with mixed rewards (40-60 % here): the runs' episodes/s over this is not a framework-overhead
+    ratio (bench/pipeline.py's service_vs_bare is)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import pipeline
     from forgerpc.clients.config import load_config

@@ -3,6 +3,7 @@
     .venv/bin/python bench/pipeline.py                       # full: ~20-30 min on a quiet 2-core machine
     .venv/bin/python bench/pipeline.py --quick --threads 1   # every part shortened: ~2 min quiet, ~3 loaded
     .venv/bin/python bench/pipeline.py --parts null --null-seconds 30 --no-traces
+    .venv/bin/python bench/pipeline.py --parts null --profile orch.prof --profile-services DIR  # cProfile all
 
 Service runs are the real main job, `python -m forgerpc.orchestrator run CONFIG key=value...`
 (= `forgerpc run`: every service its own process, a private Redis, orchestrator/grpo.py), read back
@@ -20,18 +21,22 @@ Parts:
              ~30 ms per 128 episodes in-process (4,000 episodes/s at most, on its own), so with it the
              figure would measure a model step, not the framework. CPU per episode of every process
              (orchestrator, generator, reward, buffer, Redis) comes from /proc over the timed window.
-             Traces on, as `forgerpc run` has them (--no-traces to compare).
+             Traces on and sampled, as `forgerpc run` has them (CONFIG's trace_sample_ratio; --no-traces
+             to compare).
              -> null_episodes_per_s (target >= 5,000)
   null_full  The same null stack plus the real trainer (1-layer hidden-16 model) through `forgerpc run`
              with max_staleness 4: the whole loop, TrainStep/PublishWeights/UpdateWeights included;
              per-phase ms per step beside it show what the trainer's step costs. (Not in --quick.)
   bare       One process, no services: HF `generate` of CONFIG's model (prompts x group, sampled,
-             logprobs from the scores), exact-match reward, group advantages, the trainer's own
-             `grpo_loss` (services/trainer/losses.py), AdamW, grad clipping; one step per batch.
+             logprobs from the scores), reward SIGNAL_PATTERN (below), group advantages, the trainer's
+             own `grpo_loss` (services/trainer/losses.py) over the nonzero-advantage episodes (as the
+             trainer), AdamW, grad clipping; one step per batch.
              Run before and after the service run; the figure is the mean of the two.
              -> bare_episodes_per_s
   service    CONFIG as written (grpo_tiny: the `make run` default, one version ahead, one torch thread
-             per service), no SFT, no eval in the window, all --steps (its max_seconds off).
+             per service), no SFT, no eval in the window, all --steps (its max_seconds off), reward
+             SIGNAL_PATTERN like bare (since 2026-11-27: with exact match and no SFT every advantage
+             is 0 and the trainer, which skips those, would train nothing).
              -> service_episodes_per_s, service_vs_bare = service / bare (target >= 0.7)
   staleness  CONFIG with max_staleness 0, then 4 (buffer max_policy_age alike), the generator pinned to
              core 0 and the trainer to core 1 (stack config `cpus`; each stands in for its own
@@ -59,7 +64,9 @@ import json
 import os
 import pathlib
 import platform
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -177,13 +184,21 @@ async def part_null(args, work: pathlib.Path) -> dict:
     from forgerpc.orchestrator.tasks import make_task
     from forgerpc.services.common.models import make_tiny_model
 
-    cfg = load_config(RunConfig, args.config, [*NULL_OVERRIDES, f"grpo.rollout_workers={args.null_workers}"])
+    cfg = load_config(RunConfig, args.config, [*NULL_OVERRIDES, f"grpo.rollout_workers={args.null_workers}",
+                                               *args.null_set])
     m = cfg.model  # the null generator tokenizes with this model's tokenizer, as a real one would
     model = make_tiny_model(work / "null-model", arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers,
                             num_heads=m.heads, num_kv_heads=m.kv_heads, intermediate_size=2 * m.hidden_size)
     del cfg.services["trainer"]
-    # as `forgerpc run` does by default (the services inherit it); --no-traces measures without
+    # as `forgerpc run` does by default (the services inherit it); --no-traces measures without.
+    # The sampler too, as orchestrator/run.py sets it (grpo_tiny: 1 trace in 10); before
+    # 2026-11-27 02:30 this part traced every rollout, which `forgerpc run` does not.
     os.environ["FORGERPC_TRACES"] = "none" if args.no_traces else f"file:{work / 'null-path' / 'traces'}"
+    if cfg.trace_sample_ratio < 1:
+        os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        os.environ["OTEL_TRACES_SAMPLER_ARG"] = str(cfg.trace_sample_ratio)
+    if args.profile_services:  # every service process writes DIR/<service>-<pid>.prof at exit
+        os.environ["FORGERPC_PROFILE"] = str(args.profile_services.resolve())
     setup_tracing("orchestrator")
     task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
 
@@ -226,6 +241,8 @@ async def part_null(args, work: pathlib.Path) -> dict:
             finally:
                 await services.close()
     shutdown_tracing()
+    for name in ("FORGERPC_PROFILE", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):  # not for later parts
+        os.environ.pop(name, None)
     (t0, n0, cpu0), (t1, n1, cpu1) = app.window
     episodes = n1 - n0
     cpu = {name: round(1e6 * (cpu1[pid] - cpu0[pid]) / max(episodes, 1), 1) for pid, name in pids.items()}
@@ -252,9 +269,19 @@ def thread_overrides(args) -> list[str]:
     return [f"services.generator.config.torch_threads={args.threads}", f"services.trainer.config.threads={args.threads}"]
 
 
+# The service run and the bare loop start from a random model, whose exact-match rewards are all 0:
+# every advantage would be 0, and the trainer skips zero-advantage episodes (no gradient), so the
+# service run would train nothing while the bare loop trains everything. Both therefore score "the
+# response holds a digit" instead: a random model's responses do about half the time, so nearly
+# every group has mixed rewards and both sides train every episode. (A real grpo_tiny run's
+# exact-match batches are 40-55 % zero-advantage, which its trainer leaves out.)
+SIGNAL_PATTERN = "[0-9]"
+SIGNAL_REWARD = f"services.reward.config={{functions: [{{kind: regex_match, options: {{pattern: '{SIGNAL_PATTERN}'}}}}]}}"
+
+
 def part_service(args, work: pathlib.Path, batch: int) -> dict:
     overrides = ["sft.steps=0", f"grpo.steps={args.steps}", "grpo.max_seconds=0", f"grpo.eval_every={10 ** 9}",
-                 "grpo.eval_size=16", *thread_overrides(args)]
+                 "grpo.eval_size=16", SIGNAL_REWARD, *thread_overrides(args)]
     return summarize(forgerpc_run(args.config, overrides, work / "service", work / "service.log"), batch)
 
 
@@ -311,7 +338,7 @@ def part_bare(args, batch_prompts: int, group: int) -> dict:
     clip = cfg.services["trainer"].config.get("loss", {}).get("clip_low", 0.2)
     task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
     rng = random.Random(0)
-    times, gen_s, train_s = [], [], []
+    times, gen_s, train_s, trained = [], [], [], []
     for _ in range(args.bare_steps):
         t0 = time.perf_counter()
         examples = [task.sample_train(rng) for _ in range(batch_prompts)]
@@ -329,17 +356,20 @@ def part_bare(args, batch_prompts: int, group: int) -> dict:
         done_before = (response == tok.eos_token_id).int().cumsum(-1) - (response == tok.eos_token_id).int()
         mask = (done_before == 0).float()
         texts = tok.batch_decode(response, skip_special_tokens=True)
-        rewards = [float(t.strip() == examples[i // group].target.strip()) for i, t in enumerate(texts)]
+        rewards = [float(re.search(SIGNAL_PATTERN, t) is not None) for t in texts]  # see SIGNAL_PATTERN
         adv = torch.tensor([a for i in range(0, len(rewards), group)
                             for a in group_advantages(rewards[i:i + group], g.std_normalize)])
         t1 = time.perf_counter()
         model.train()  # train: one step on the batch just generated (on-policy, like max_staleness 0)
-        attn = torch.cat([enc["attention_mask"].repeat_interleave(group, 0), mask.long()], 1)
+        keep = adv.nonzero().flatten()  # as the trainer: zero-advantage episodes carry no gradient
+        trained.append(len(keep) / len(adv))
+        attn = torch.cat([enc["attention_mask"].repeat_interleave(group, 0), mask.long()], 1)[keep]
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=out.sequences, attention_mask=attn, position_ids=positions,
+        logits = model(input_ids=out.sequences[keep], attention_mask=attn, position_ids=positions,
                        logits_to_keep=response.shape[1] + 1).logits
-        logp, _ = losses.token_logprobs_and_entropy(logits[:, :-1], response)
-        loss = losses.grpo_loss(logp, old.nan_to_num(0.0, neginf=0.0) * mask, adv, mask, clip=clip).loss
+        logp, _ = losses.token_logprobs_and_entropy(logits[:, :-1], response[keep])
+        loss = losses.grpo_loss(logp, (old.nan_to_num(0.0, neginf=0.0) * mask)[keep], adv[keep], mask[keep], clip=clip,
+                                num_sequences=len(adv)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -350,6 +380,7 @@ def part_bare(args, batch_prompts: int, group: int) -> dict:
     k = min(max(1, int(len(times) * 0.2)), len(times) - 2)
     return {"steps": args.bare_steps, "threads": threads, "generate_ms_median": round(1000 * sorted(gen_s)[len(gen_s) // 2], 1),
             "train_ms_median": round(1000 * sorted(train_s)[len(train_s) // 2], 1),
+            "trained_fraction": round(statistics.fmean(trained), 3),
             "episodes_per_s": round(batch_prompts * group * (len(times) - 1 - k) / (times[-1] - times[k]), 1)}
 
 
@@ -365,6 +396,8 @@ def main() -> int:
     p.add_argument("--no-traces", action="store_true", help="null rollout path without OpenTelemetry traces")
     p.add_argument("--null-steps", type=int, default=300, help="GRPO steps of the null full loop")
     p.add_argument("--null-workers", type=int, default=32, help="rollout workers of the null run")
+    p.add_argument("--null-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override of the null rollout path (repeatable), e.g. grpo.rollout_workers=8")
     p.add_argument("--bare-steps", type=int, default=40)
     p.add_argument("--steps", type=int, default=100, help="GRPO steps of the service run")
     p.add_argument("--staleness-steps", type=int, default=1000, help="GRPO steps of each staleness run")
@@ -376,6 +409,8 @@ def main() -> int:
                         "(0 = as CONFIG says; 1 on a loaded machine, where 2-thread GEMMs stall)")
     p.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
     p.add_argument("--profile", type=pathlib.Path, help="cProfile the orchestrator of the null rollout path to FILE")
+    p.add_argument("--profile-services", type=pathlib.Path, metavar="DIR",
+                   help="cProfile every service of the null rollout path to DIR/<service>-<pid>.prof")
     args = p.parse_args()
     if args.quick:
         args.null_seconds, args.null_warmup, args.null_steps, args.bare_steps, args.steps = 8, 2, 20, 6, 8

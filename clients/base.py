@@ -46,6 +46,7 @@ class AsyncClient:
         self._channel = channel or open_channel(address, settings)
         self._metadata = settings.metadata()
         self._calls: dict[str, Any] = {}
+        self._idempotent: dict[str, bool] = {}
 
     # -- plumbing -------------------------------------------------------------------------
     def _method(self, name: str) -> descriptor.MethodDescriptor:
@@ -77,6 +78,13 @@ class AsyncClient:
             request = message_factory.GetMessageClass(self._method(name).input_type)(**fields)
         return request
 
+    def _policy(self, name: str) -> RetryPolicy:
+        """The retry policy of RPC `name`: the client's when the proto marks it idempotent."""
+        idempotent = self._idempotent.get(name)
+        if idempotent is None:  # looked up once per RPC: the descriptor's options are not free to read
+            idempotent = self._idempotent[name] = is_idempotent(self._method(name))
+        return self.retry if idempotent else NO_RETRY
+
     def _call_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata + trace_metadata()
 
@@ -85,7 +93,7 @@ class AsyncClient:
 
     async def _unary(self, name: str, request: Any, fields: dict, timeout: float | None) -> Any:
         request = self._request(name, request, fields)
-        policy = self.retry if is_idempotent(self._method(name)) else NO_RETRY
+        policy = self._policy(name)
         deadline = time.monotonic() + (timeout or self.timeout)
         call = self._callable(name)
         for attempt in range(policy.max_attempts):
@@ -103,7 +111,7 @@ class AsyncClient:
     async def _server_stream(self, name: str, request: Any, fields: dict, timeout: float | None) -> AsyncIterator[Any]:
         """Yields responses. Retries (idempotent RPCs) only until the first message arrived."""
         request = self._request(name, request, fields)
-        policy = self.retry if is_idempotent(self._method(name)) else NO_RETRY
+        policy = self._policy(name)
         deadline = time.monotonic() + (timeout or self.timeout)
         for attempt in range(policy.max_attempts):
             received = False

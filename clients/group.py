@@ -79,6 +79,7 @@ class ReplicaGroup(Generic[C]):
                          for a in addresses]
         self._rr = itertools.count()
         self._health_task: asyncio.Task | None = None
+        self._idempotent: dict[str, bool] = {}
 
     @property
     def service(self) -> str:
@@ -147,8 +148,11 @@ class ReplicaGroup(Generic[C]):
 
     async def route(self, method: str, *args, **kwargs) -> Any:
         self._ensure_health_loop()
-        rpc = self._rpc_descriptor(method)
-        attempts = self.retry.max_attempts if rpc is not None and is_idempotent(rpc) else 1
+        idempotent = self._idempotent.get(method)
+        if idempotent is None:  # once per method name: descriptor options are not free to read
+            rpc = self._rpc_descriptor(method)
+            idempotent = self._idempotent[method] = rpc is not None and is_idempotent(rpc)
+        attempts = self.retry.max_attempts if idempotent else 1
         tried: set[str] = set()
         for attempt in range(attempts):
             replica = self.pick(exclude=tried)

@@ -71,6 +71,33 @@ def test_whole_groups_round_down_to_complete_groups_but_return_at_least_one():
     assert all(i.episode.group_id != "g7" for i in w.draw(100, 0, True))
 
 
+def test_fifo_whole_groups_skip_held_and_too_big_groups_and_take_later_ones_that_fit():
+    # The fifo draw stops scanning at n; it must still pass over a group in flight and a group too
+    # big for what is left, and take a later group that fits.
+    w = window()
+    n = 0
+    for g, size in enumerate([2, 2, 4, 2]):  # g0 (2), g1 (2, held below), g2 (4), g3 (2)
+        for _ in range(size):
+            w.add(f"1-{n}", episode(n, group=g, size=size, reward=float(n % 2)))
+            n += 1
+    w.hold("b1", [i for i in w.by_episode.values() if i.episode.group_id == "g1"], 0, deadline=1e18)
+    assert [i.episode.group_id for i in w.draw(5, 0, True)] == ["g0", "g0", "g3", "g3"]  # 2 + 4 > 5
+    assert [i.episode.group_id for i in w.draw(6, 0, True)] == ["g0"] * 2 + ["g2"] * 4
+    assert [i.episode.group_id for i in w.draw(1, 0, True)] == ["g0", "g0"]  # at least one group
+
+
+def test_age_histogram_counts_items_held_by_age_after_removals():
+    w = window(max_policy_age=10)
+    for i in range(6):  # versions 0, 0, 1, 1, 2, 2
+        w.add(f"1-{i}", episode(i, version=i // 2))
+    assert w.age_histogram(3) == [0, 2, 2, 2]
+    w.finish(w.hold("b1", w.draw(3, 3, False), 3, deadline=1e18))  # e0, e1, e2 done
+    assert w.age_histogram(3) == [0, 2, 1]
+    assert w.age_histogram(0) == [3]  # negative ages count at 0
+    w.finish(w.hold("b2", w.draw(10, 3, False), 3, deadline=1e18))
+    assert w.age_histogram(3) == [] and len(w) == 0
+
+
 def test_equal_reward_group_is_filtered_when_complete():
     w = window()
     filtered = []

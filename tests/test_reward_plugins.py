@@ -146,3 +146,27 @@ def test_config_errors_name_the_key():
         with pytest.raises(ConfigError, match="functions.3.options") as err:
             _build(3, f, cfg)
         assert words in str(err.value)
+
+
+async def test_inline_functions_score_in_a_plain_loop_and_report_errors_per_item():
+    # Every function a cheap built-in: the servicer scores without tasks or deadlines
+    # (services/reward/server.py, all_inline). A raising function still zeroes only its item.
+    from forgerpc.services.reward.config import RewardConfig
+    from forgerpc.services.reward.server import RewardServicer
+    from forgerpc.v1.reward_pb2 import EvaluateRequest
+
+    cfg = RewardConfig(functions=[{"kind": "exact_match"},
+                                  {"kind": "length_penalty", "weight": 0.5, "options": {"max_length": 2}}])
+    servicer = RewardServicer(cfg)
+    assert servicer.all_inline
+    out = await servicer.Evaluate(EvaluateRequest(items=[item("4", "4"), item("4444", "4")]), None)
+    assert [s.score for s in out.scores] == [1.0, pytest.approx(-0.5)]  # 4 chars: 2 over a slack of 2
+    assert dict(out.scores[1].sub_scores) == {"exact_match": 0.0, "length_penalty": -1.0}
+    await servicer.close()
+
+    bad = RewardServicer(RewardConfig(functions=[{"kind": "exact_match"},
+                                                 {"kind": "length_penalty", "options": {"max_length": 2, "unit": "bytes"}}]))
+    out = await bad.Evaluate(EvaluateRequest(items=[item("4", "4")]), None)
+    assert out.scores[0].score == 0.0 and out.scores[0].reason.startswith("ERROR: ValueError")
+    assert out.scores[0].sub_scores["exact_match"] == 1.0 and out.scores[0].sub_scores["length_penalty"] == 0.0
+    await bad.close()

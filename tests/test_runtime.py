@@ -119,3 +119,17 @@ def test_bearer_token_required_when_configured(serve_process):
         assert ok.scores[0].score == 1.0
         # Health stays open for probes.
         assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+
+
+async def test_profile_env_writes_the_service_profile_at_exit(serve_process, tmp_path):
+    # FORGERPC_PROFILE=DIR (bench/pipeline.py --profile-services): the whole process under
+    # cProfile, written on a clean SIGTERM exit; the servicer's own methods are in it.
+    import pstats
+
+    proc = serve_process("reward", "functions=[{kind: constant}]", env={"FORGERPC_PROFILE": str(tmp_path)})
+    async with RewardClient(proc.address) as reward:
+        await reward.evaluate(items=[reward_pb2.RewardItem(response="a")])
+    proc.terminate()
+    (path,) = tmp_path.glob(f"reward-{proc.proc.pid}.prof")
+    names = {name for _, _, name in pstats.Stats(str(path)).stats}
+    assert "Evaluate" in names

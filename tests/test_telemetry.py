@@ -33,3 +33,38 @@ def test_trace_context_crosses_process_boundary(serve_process, tmp_path):
     assert server["context"]["trace_id"] == rollout["context"]["trace_id"]
     assert server["parent_id"] == rollout["context"]["span_id"]
     assert server["kind"] == "SpanKind.SERVER"
+
+
+def test_unsampled_trace_makes_no_server_span_and_a_sampled_one_does(serve_process, tmp_path):
+    # The runtime skips the server span when the caller did not sample its trace (the default
+    # sampler follows the parent); a sampled caller still gets its child span.
+    traces = tmp_path / "traces"
+    proc = serve_process("reward", env={"FORGERPC_TRACES": f"file:{traces}"})
+    client = textwrap.dedent(f"""
+        import asyncio
+        from opentelemetry import context, trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+        from forgerpc.clients import RewardClient
+        from forgerpc.clients.telemetry import setup_tracing, shutdown_tracing
+        from forgerpc.v1.reward_pb2 import RewardItem
+
+        async def main():
+            setup_tracing("client", "file:{traces}")
+            items = [RewardItem(response="a", target="a")]
+            async with RewardClient("{proc.address}") as reward:
+                unsampled = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(0))
+                token = context.attach(trace.set_span_in_context(NonRecordingSpan(unsampled)))
+                await reward.evaluate(items=items)
+                context.detach(token)
+                with trace.get_tracer("test").start_as_current_span("rollout"):
+                    await reward.evaluate(items=items)
+            shutdown_tracing()
+
+        asyncio.run(main())
+    """)
+    subprocess.run([sys.executable, "-c", client], check=True, timeout=60)
+    proc.terminate()  # flushes the server's spans
+    spans = [json.loads(line) for f in traces.glob("*.jsonl") for line in f.read_text().splitlines()]
+    rollout = next(s for s in spans if s["name"] == "rollout")
+    servers = [s for s in spans if s["name"] == "/forgerpc.v1.RewardService/Evaluate"]
+    assert [s["context"]["trace_id"] for s in servers] == [rollout["context"]["trace_id"]]

@@ -82,6 +82,7 @@ class ReplayBuffer:
         self.current_version = 0  # highest version a trainer has sampled at (for the age histogram)
         self._arrived = asyncio.Event()
         self._rate: collections.deque[tuple[float, int]] = collections.deque()  # (time, episodes read)
+        self._rate_sum = 0  # episodes in _rate
         self._acking: dict[str, asyncio.Future] = {}
         self._retry_drops: list[tuple] = []
         self._started = time.monotonic()
@@ -238,6 +239,7 @@ class ReplayBuffer:
                              "filtered_groups_total", groups)
         if count_rate:
             self._rate.append((time.monotonic(), len(entries)))
+            self._rate_sum += len(entries)
         self._arrived.set()
 
     async def _drop(self, sids: list[str], episode_ids: list[str], counter: str, count: int | None = None) -> None:
@@ -392,8 +394,8 @@ class ReplayBuffer:
             oldest = max(time.time() - int(_sid(pending["min"]).split("-")[0]) / 1000, 0.0)
         now = time.monotonic()
         while self._rate and self._rate[0][0] < now - 60:
-            self._rate.popleft()
-        rate = sum(n for _, n in self._rate) / max(min(60.0, now - self._started), 1e-3)
+            self._rate_sum -= self._rate.popleft()[1]
+        rate = self._rate_sum / max(min(60.0, now - self._started), 1e-3)
         return dict(
             window_size=len(self.window), stream_length=length, pending=pending["pending"],
             acked_total=int(counters.get("acked_total", 0)),

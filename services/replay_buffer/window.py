@@ -68,6 +68,7 @@ class Window:
         self.by_episode: dict[str, Item] = {}
         self.batches: dict[str, Batch] = {}
         self._min_version: int | None = None  # lower bound on versions held, to skip stale scans
+        self._versions: dict[int, int] = {}  # policy_version -> items held (for age_histogram)
 
     def __len__(self) -> int:
         return len(self.by_episode)
@@ -89,6 +90,7 @@ class Window:
         group.arrived += 1
         self.by_episode[episode.episode_id] = item
         v = episode.policy_version
+        self._versions[v] = self._versions.get(v, 0) + 1
         self._min_version = v if self._min_version is None else min(self._min_version, v)
         filtered: list[Item] = []
         if not group.passed and group.arrived >= group.size:
@@ -104,7 +106,12 @@ class Window:
     def remove(self, item: Item) -> None:
         group = item.group
         group.items.pop(item.sid, None)
-        self.by_episode.pop(item.episode.episode_id, None)
+        if self.by_episode.pop(item.episode.episode_id, None) is not None:
+            v = item.episode.policy_version
+            if self._versions[v] == 1:
+                del self._versions[v]
+            else:
+                self._versions[v] -= 1
         if not group.items:
             self.groups.pop(group.gid, None)
 
@@ -151,11 +158,25 @@ class Window:
                         return out
         return out
 
+    def _fifo_groups(self, n: int, version: int) -> list[Item]:
+        # draw's loop over _units for fifo, without building a unit per group held: stop at n.
+        out: list[Item] = []
+        for group in self.groups.values():
+            size = len(group.items)
+            if not group.passed or size < group.size or (out and len(out) + size > n):
+                continue  # not drawable yet, or does not fit beside what is drawn
+            members = list(group.items.values())
+            if all(self._eligible(i, version) for i in members):
+                out.extend(members)
+                if len(out) >= n:
+                    break
+        return out
+
     def draw(self, n: int, version: int, whole_groups: bool) -> list[Item]:
         """Up to n eligible items. With whole_groups, complete groups only: as many as fit in n,
         and at least one (so a batch_size below the group size still returns one group)."""
-        if self.strategy == "fifo" and not whole_groups:
-            return self._fifo_single(n, version)
+        if self.strategy == "fifo":
+            return self._fifo_groups(n, version) if whole_groups else self._fifo_single(n, version)
         units = self._units(version, whole_groups)
         if self.strategy == "uniform":
             self.rng.shuffle(units)
@@ -212,9 +233,9 @@ class Window:
     def age_histogram(self, version: int) -> list[int]:
         """Count of held items by policy age (index = version - policy_version, negatives at 0)."""
         counts: list[int] = []
-        for item in self.by_episode.values():
-            age = max(version - item.episode.policy_version, 0)
+        for v, held in self._versions.items():  # per version, not per item: GetStats runs every step
+            age = max(version - v, 0)
             if age >= len(counts):
                 counts.extend([0] * (age + 1 - len(counts)))
-            counts[age] += 1
+            counts[age] += held
         return counts

@@ -6,7 +6,9 @@ Every item has one deadline (`item_timeout_seconds`) for all its functions, whic
 concurrently: synchronous ones on a thread pool, async ones (code_tests, async user functions)
 on the event loop. A function that overruns the deadline or raises scores 0, and so does the
 item: its score is 0 and its reason starts with "TIMEOUT" or "ERROR: ...". The batch never fails
-for one item and returns within the deadline (plus scheduling slack).
+for one item and returns within the deadline (plus scheduling slack). When every function is a
+cheap built-in (INLINE below), items are scored in a plain loop on the event loop: no deadline can
+interrupt those anyway, and a task per item cost more than the scoring.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def _build(i: int, f: FunctionConfig, cfg: RewardConfig):
 INLINE = frozenset({"exact_match", "normalized_match", "numeric_match", "format_tags", "length_penalty", "constant"})
 
 
+_TIMEOUT = object()  # a function's outcome when it overran the item's deadline
+
+
 def _inline(fn, item) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     try:
@@ -74,6 +79,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             fn, is_async = _build(i, f, cfg)
             mode = "async" if is_async else "inline" if f.kind in INLINE else "thread"
             self.functions.append((f.name or f.kind, f.weight, fn, mode))
+        self.all_inline = all(mode == "inline" for *_, mode in self.functions)
 
     async def Evaluate(self, request: reward_pb2.EvaluateRequest, context) -> reward_pb2.EvaluateResponse:
         require(len(request.items) > 0, "items", "must hold at least one item")
@@ -82,9 +88,18 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             "items", f"at most {self.cfg.max_batch_items} items per call, got {len(request.items)}",
         )
         require(request.item_timeout_seconds >= 0, "item_timeout_seconds", "must not be negative")
-        timeout = request.item_timeout_seconds or self.cfg.item_timeout_seconds
-        scores = await asyncio.gather(*(self._score(item, timeout) for item in request.items))
-        return reward_pb2.EvaluateResponse(scores=scores)
+        if self.all_inline:  # no task, future or timer per item: ~8x cheaper for an 8-item batch
+            outcomes = [(self._score_inline(item), 0.0) for item in request.items]
+        else:
+            timeout = request.item_timeout_seconds or self.cfg.item_timeout_seconds
+            outcomes = await asyncio.gather(*(self._score(item, timeout) for item in request.items))
+        # Scores built in place, sub-scores set key by key: RewardScore(sub_scores={...}) objects
+        # copied into the response cost 5x more (32 items: 389 vs 79 us here), the same bytes.
+        response = reward_pb2.EvaluateResponse()
+        add = response.scores.add
+        for outcome, elapsed in outcomes:
+            self._combine(add(), outcome, elapsed)
+        return response
 
     def _start(self, fn, mode: str, item) -> asyncio.Future:
         if mode == "async":
@@ -93,7 +108,18 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             return _inline(fn, item)
         return asyncio.get_running_loop().run_in_executor(self.threads, fn, item)
 
-    async def _score(self, item: reward_pb2.RewardItem, timeout: float) -> reward_pb2.RewardScore:
+    def _score_inline(self, item: reward_pb2.RewardItem) -> list[tuple]:
+        """_score for functions that all run inline: called directly (no deadline can apply)."""
+        outcomes = []
+        for _, _, fn, _ in self.functions:
+            try:
+                outcomes.append((fn(item), None))
+            except Exception as e:  # noqa: BLE001 - reported per item, as from a thread
+                outcomes.append((None, e))
+        return outcomes
+
+    async def _score(self, item: reward_pb2.RewardItem, timeout: float) -> tuple[list[tuple], float]:
+        """Runs the functions on one item within `timeout`: (their outcomes, seconds taken)."""
         start = time.monotonic()
         futures = [self._start(fn, mode, item) for _, _, fn, mode in self.functions]
         try:
@@ -104,24 +130,31 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             raise
         for f in pending:
             f.cancel()  # async ones stop now; a thread finishes in the background, result unused
-        total, subs, reasons, failure = 0.0, {}, [], ""
-        for (name, weight, _, _), fut in zip(self.functions, futures):
-            if fut in pending:
-                value, reason = 0.0, f"{name}: TIMEOUT after {time.monotonic() - start:.3g}s"
+        outcomes = [(None, _TIMEOUT) if f in pending else (None, f.exception()) if f.exception() is not None
+                    else (f.result(), None) for f in futures]
+        return outcomes, time.monotonic() - start
+
+    def _combine(self, out: reward_pb2.RewardScore, outcomes: list[tuple], elapsed: float) -> None:
+        """Fills `out`, one item's score, from its functions' outcomes: ((value, reason), None) when
+        one returned, (None, exception) when it raised, (None, _TIMEOUT) when it overran (after
+        `elapsed` seconds)."""
+        total, subs, reasons, failure = 0.0, out.sub_scores, [], ""
+        for (name, weight, _, _), (result, error) in zip(self.functions, outcomes):
+            if error is _TIMEOUT:
+                value, reason = 0.0, f"{name}: TIMEOUT after {elapsed:.3g}s"
                 failure = failure or "TIMEOUT"
-            elif fut.exception() is not None:
-                e = fut.exception()
-                value, reason = 0.0, f"{name}: ERROR: {type(e).__name__}: {e}"[:200]
-                failure = failure or f"ERROR: {type(e).__name__}"
+            elif error is not None:
+                value, reason = 0.0, f"{name}: ERROR: {type(error).__name__}: {error}"[:200]
+                failure = failure or f"ERROR: {type(error).__name__}"
             else:
-                value, reason = fut.result()
+                value, reason = result
             subs[name] = value
             total += weight * value
             reasons.append(reason)
         if failure:  # a slow or crashing item scores 0 as a whole
             total = 0.0
             reasons.insert(0, failure)
-        return reward_pb2.RewardScore(score=total, sub_scores=subs, reason="; ".join(reasons))
+        out.score, out.reason = total, "; ".join(reasons)
 
     async def ListRewardFunctions(self, request, context) -> reward_pb2.ListRewardFunctionsResponse:
         return reward_pb2.ListRewardFunctionsResponse(

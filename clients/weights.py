@@ -5,7 +5,10 @@
     await load_into(store, generator_model, version=7)      # writes into the existing parameters
 
 Layout of a version: tensors back to back in one flat buffer, each at a 64-byte aligned offset,
-with a per-tensor xxh3_64 checksum that the store verifies before it publishes.
+with a per-tensor xxh3_64 checksum that the store verifies before it publishes. The SDK hashes
+each tensor while it copies it and sends the checksums after the bytes (later PutWeights
+headers; services/weight_store/README.md): per ~8 MiB copied into a shared-memory segment, so
+the store re-hashes those tensors meanwhile, or once after the last gRPC message.
 
 Transport is chosen per call ("auto"): shared memory when the store's segments are visible on
 this host (one memcpy per side), else raw bytes over gRPC in ~4 MiB messages. Loading copies
@@ -37,7 +40,9 @@ from forgerpc.v1 import common_pb2, weight_store_pb2 as pb
 
 CHUNK_BYTES = 4 << 20  # gRPC message size: 1-4 MiB is the loopback sweet spot (ENVIRONMENT.md)
 ALIGN = 64
-_BLOCK = 1 << 20  # copy+hash granularity when filling a segment: fits in L2
+_BLOCK = 256 << 10  # copy+hash granularity when filling a segment: source + copy fit in L2
+_CAST_BLOCK = 1 << 20  # the same for torch copy_ (casts, CUDA): fewer calls, each one costs more
+_REPORT_BYTES = 8 << 20  # a shm publish sends checksums per ~8 MiB copied (store hashes them in L3)
 _COPY_BLOCK = 4 << 20  # unit of work when copying out of a segment in several threads
 SHM_DIR = "/dev/shm"
 CHECKSUM_ALGORITHM = "xxh3_64"
@@ -272,26 +277,25 @@ def _cast(tensor, dtype):
     return tensor.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
-def _checksums(items, manifest, threads: int = 2) -> None:
-    """Fills manifest checksums from the source tensors (cast one at a time, in threads)."""
-    import xxhash
-
-    def one(i: int) -> int:
-        _, tensor, out = items[i]
-        return xxhash.xxh3_64_intdigest(_byte_view(_cast(tensor, out)))
-
-    with ThreadPoolExecutor(threads) as pool:
-        for spec, digest in zip(manifest.tensors, pool.map(one, range(len(items)))):
-            spec.checksum = digest
+def _checksum_header(version: int, names: list[str], digests: list[int]) -> bytes:
+    """A later PutWeights header: only the checksums of tensors whose bytes went out already."""
+    specs = [common_pb2.TensorSpec(name=n, checksum=d) for n, d in zip(names, digests)]
+    return pb.PutWeightsRequest(header=pb.PutWeightsHeader(
+        version=version, manifest=common_pb2.TensorManifest(tensors=specs))).SerializeToString()
 
 
-def _fill_segment(name: str, items, manifest, threads: int = 2) -> None:
+def _fill_segment(name: str, items, manifest, threads: int, report: Callable[[list[tuple[int, int]]], None],
+                  stop: threading.Event) -> None:
     """Copies (and casts) every tensor into the upload segment and checksums what was written.
 
-    Block by block (1 MiB): each block is hashed right after its copy, while it is still in
-    cache, so the checksum costs ~1/5 of a second pass over memory (xxh3: ~19 GB/s in cache,
-    ~4-8 GB/s from DRAM here). Tensors are spread over `threads` threads; memmove, copy_ and
-    xxhash all release the GIL. The segment's mapping is kept for the next publish (`_Mappings`).
+    Block by block (256 KiB; 1 MiB for casts and CUDA): each block is hashed right after its
+    copy, while it is still in cache, so the checksum costs a fraction of a second pass over
+    memory. Tensors are spread over
+    `threads` threads; memmove, copy_ and xxhash all release the GIL. Every ~_REPORT_BYTES
+    filled, `report([(index, digest), ...])` hands the finished tensors to the caller, which sends
+    their checksums so the store can hash them while this copies the next ones.
+    `stop` makes the threads quit between blocks (the Put was abandoned). The segment's mapping
+    is kept for the next publish (`_Mappings`).
     """
     import torch
     import xxhash
@@ -299,34 +303,53 @@ def _fill_segment(name: str, items, manifest, threads: int = 2) -> None:
     mm = _UPLOAD_MAPPINGS.get(name)
     flat, view = torch.frombuffer(mm, dtype=torch.uint8), memoryview(mm)
     base = _address(mm)  # valid while `mm` lives (kept in _UPLOAD_MAPPINGS)
+    lock, ready, ready_bytes = threading.Lock(), [], 0
 
-    def fill(i: int) -> int:
+    def fill(i: int) -> None:
+        nonlocal ready_bytes
         spec, (_, tensor, out) = manifest.tensors[i], items[i]
         src = tensor.detach().reshape(-1)
         same = src.dtype == out and src.device.type == "cpu"
         dst = flat[spec.offset:spec.offset + spec.byte_size].view(out)
-        step, hasher = max(_BLOCK // out.itemsize, 1), xxhash.xxh3_64()
+        step, hasher = max((_BLOCK if same else _CAST_BLOCK) // out.itemsize, 1), xxhash.xxh3_64()
         for lo in range(0, src.numel(), step):
-            if same:  # plain bytes: memmove in this thread (no OpenMP fan-out per 1 MiB block)
+            if stop.is_set():
+                return
+            if same:  # plain bytes: memmove in this thread (no OpenMP fan-out per block)
                 n = min(step, src.numel() - lo) * out.itemsize
                 ctypes.memmove(base + spec.offset + lo * out.itemsize, src.data_ptr() + lo * out.itemsize, n)
             else:
                 dst[lo:lo + step].copy_(src[lo:lo + step])
             a = spec.offset + lo * out.itemsize
             hasher.update(view[a:min(a + step * out.itemsize, spec.offset + spec.byte_size)])
-        return hasher.intdigest()
+        with lock:
+            ready.append((i, hasher.intdigest()))
+            ready_bytes += spec.byte_size
+            if ready_bytes >= _REPORT_BYTES:
+                report(ready[:])
+                ready.clear()
+                ready_bytes = 0
 
     try:
         with ThreadPoolExecutor(threads) as pool:
-            for spec, digest in zip(manifest.tensors, pool.map(fill, range(len(items)))):
-                spec.checksum = digest
+            list(pool.map(fill, range(len(items))))
+        if ready and not stop.is_set():
+            report(ready[:])
     finally:
         del flat
         view.release()
 
 
-async def _publish_shm(client, header: pb.PutWeightsHeader, items, threads: int) -> pb.PutWeightsResponse | None:
-    """Shared-memory upload; None when the store's segments are not visible from here."""
+async def _publish_shm(client, header: pb.PutWeightsHeader, items, threads: int,
+                       timeout) -> pb.PutWeightsResponse | None:
+    """Shared-memory upload; None when the store's segments are not visible from here.
+
+    The PutWeights stream opens before the copy: the header (checksums 0, "sent later"), then
+    one header per ~_REPORT_BYTES copied with the checksums of the tensors finished, which the
+    store verifies while the rest is being copied. A failed check ends the call early and stops
+    the copy; the copy always stops before the call is let go, so no thread of ours writes into
+    a segment the store may already have handed to someone else.
+    """
     try:
         upload = await client.allocate_upload(total_bytes=header.manifest.total_bytes)
     except ForgeRPCError as e:
@@ -335,16 +358,48 @@ async def _publish_shm(client, header: pb.PutWeightsHeader, items, threads: int)
         raise
     if not os.path.exists(os.path.join(SHM_DIR, upload.segment_name)):
         return None  # store on another host (or in another /dev/shm); the upload expires
-    await asyncio.to_thread(_fill_segment, upload.segment_name, items, header.manifest, threads)
     header.upload_id = upload.upload_id
+    first = pb.PutWeightsRequest(header=header).SerializeToString()  # checksums 0: "sent later"
+    names, loop = [t.name for t in header.manifest.tensors], asyncio.get_running_loop()
+    finished: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    async def messages():
+        yield first
+        while (done := await finished.get()) is not None:
+            yield _checksum_header(header.version, [names[i] for i, _ in done], [d for _, d in done])
+
+    def report(done: list[tuple[int, int]]) -> None:  # from the copy threads
+        loop.call_soon_threadsafe(finished.put_nowait, done)
+
+    call = asyncio.ensure_future(_rpc(client, "PutWeights", "stream_unary")(
+        messages(), timeout=timeout or client.timeout, metadata=client._metadata))
+    fill = asyncio.ensure_future(asyncio.to_thread(_fill_segment, upload.segment_name, items, header.manifest,
+                                                   threads, report, stop))
     try:
-        return await client.put_weights([pb.PutWeightsRequest(header=header)])
+        await asyncio.wait([call, fill], return_when=asyncio.FIRST_COMPLETED)
+        if fill.done():
+            fill.result()  # a failed copy: the finally below cancels the call
+            finished.put_nowait(None)
+        raw = await call
+        return pb.PutWeightsResponse.FromString(raw)
+    except grpc.aio.AioRpcError as e:
+        raise _error(client, "PutWeights", e) from None
     finally:
+        stop.set()
+        await asyncio.wait([fill])
+        call.cancel()  # no-op when finished; otherwise the store frees the upload
         _UPLOAD_MAPPINGS.prune()  # the publish may have retired (and unlinked) older segments
 
 
-async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes: int, timeout,
-                        threads: int) -> pb.PutWeightsResponse:
+async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes: int, timeout) -> pb.PutWeightsResponse:
+    """Raw `data` messages, then one header with every tensor's checksum.
+
+    The checksums go last so that each tensor is hashed while its message is built (the hash
+    reads a <= chunk_bytes slice, the join that follows finds it in cache) instead of in a pass
+    of its own before the first byte can leave.
+    """
+    import xxhash
     try:  # a taken number fails the Put only after all bytes went over: ask first (one round trip)
         await client.get_manifest(version=header.version)
         raise ForgeRPCError(grpc.StatusCode.ALREADY_EXISTS, "VERSION_EXISTS",
@@ -352,40 +407,46 @@ async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes:
     except ForgeRPCError as e:
         if e.code != grpc.StatusCode.NOT_FOUND:
             raise
-    await asyncio.to_thread(_checksums, items, header.manifest, threads)
-
-    def pieces() -> Iterable[memoryview]:
-        pos = 0
-        for spec, (_, tensor, out) in zip(header.manifest.tensors, items):
-            if spec.offset > pos:
-                yield memoryview(bytes(spec.offset - pos))  # alignment padding
-            yield _byte_view(_cast(tensor, out))
-            pos = spec.offset + spec.byte_size
-        if header.manifest.total_bytes > pos:
-            yield memoryview(bytes(header.manifest.total_bytes - pos))
+    specs, digests = header.manifest.tensors, []
 
     def batches() -> Iterable[bytes]:
         batch, size = [], 0
-        for piece in pieces():
+
+        def add(piece: memoryview, hasher):
+            nonlocal batch, size
             while len(piece):
                 take = min(len(piece), chunk_bytes - size)
+                if hasher is not None:
+                    hasher.update(piece[:take])
                 batch.append(piece[:take])
                 size, piece = size + take, piece[take:]
                 if size == chunk_bytes:
                     yield data_message(batch, size)
                     batch, size = [], 0
+
+        pos = 0
+        for spec, (_, tensor, out) in zip(specs, items):
+            if spec.offset > pos:
+                yield from add(memoryview(bytes(spec.offset - pos)), None)  # alignment padding
+            hasher = xxhash.xxh3_64()
+            yield from add(_byte_view(_cast(tensor, out)), hasher)
+            digests.append(hasher.intdigest())
+            pos = spec.offset + spec.byte_size
+        if header.manifest.total_bytes > pos:
+            yield from add(memoryview(bytes(header.manifest.total_bytes - pos)), None)
         if size:
             yield data_message(batch, size)
 
     async def messages():
         """Builds message k+1 in a thread (bytes.join drops the GIL) while gRPC sends message k."""
-        yield pb.PutWeightsRequest(header=header).SerializeToString()
+        yield pb.PutWeightsRequest(header=header).SerializeToString()  # checksums 0: sent last
         loop, built = asyncio.get_running_loop(), batches()
         with ThreadPoolExecutor(1, thread_name_prefix="publish") as pool:
             upcoming = loop.run_in_executor(pool, next, built, None)
             while (message := await upcoming) is not None:
                 upcoming = loop.run_in_executor(pool, next, built, None)
                 yield message
+        yield _checksum_header(header.version, [t.name for t in specs], digests)
 
     try:
         raw = await _rpc(client, "PutWeights", "stream_unary")(messages(), timeout=timeout or client.timeout,
@@ -408,7 +469,8 @@ async def publish(client, state_dict: Mapping[str, Any], version: int, *, produc
         transport: "auto" (shared memory if reachable, else gRPC), "shm" or "grpc".
         dtype: cast floating-point tensors to this dtype while publishing (e.g. torch.bfloat16).
         name_map: renames tensors (trainer naming -> store naming); None drops one.
-        threads: threads that copy and checksum (copy_ and xxhash release the GIL).
+        threads: threads that copy and checksum into a shared-memory segment (memmove, copy_ and
+            xxhash release the GIL).
     Raises:
         ForgeRPCError: DATA_LOSS on a checksum mismatch, ALREADY_EXISTS, INVALID_ARGUMENT, ...
     """
@@ -416,13 +478,13 @@ async def publish(client, state_dict: Mapping[str, Any], version: int, *, produc
     items, manifest = _plan(state_dict, name_map, dtype)
     header = pb.PutWeightsHeader(version=version, manifest=manifest, producer=producer, step=step)
     if transport in ("auto", "shm"):
-        response = await _publish_shm(client, header, items, threads)
+        response = await _publish_shm(client, header, items, threads, timeout)
         if response is not None:
             return response
         if transport == "shm":
             raise ForgeRPCError(grpc.StatusCode.FAILED_PRECONDITION, "SHARED_MEMORY_UNREACHABLE",
                                 "the store's shared memory is not reachable from this process")
-    return await _publish_grpc(client, header, items, chunk_bytes, timeout, threads)
+    return await _publish_grpc(client, header, items, chunk_bytes, timeout)
 
 
 # -- load -----------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The WeightStoreService servicer: validates requests and moves version bytes.
 
 Put over gRPC:   header -> raw chunks written straight into a fresh blob while their checksums
-                 are computed -> publish.
-Put over shm:    AllocateUpload -> client writes the segment -> header with upload_id ->
-                 checksums verified in threads -> the segment itself becomes the version.
+                 are computed -> (checksums, if the header left them 0) -> publish.
+Put over shm:    AllocateUpload -> header with upload_id -> the client fills the segment and
+                 sends each tensor's checksum (later headers) as it goes -> each tensor is
+                 hashed in a thread meanwhile -> the segment itself becomes the version.
 Get over gRPC:   header (manifest with offsets into the bytes that follow) -> raw chunks.
 Get over shm:    header naming the version's segment + a lease; the client copies, then
                  ReleaseLease. Chosen when the client's host id (boot id) equals the store's.
@@ -22,7 +23,7 @@ from forgerpc.services.common.errors import ServiceError, failed_precondition, i
 from forgerpc.services.common.runtime import ServiceDefinition
 from forgerpc.services.weight_store.backends import make_backend
 from forgerpc.services.weight_store.config import WeightStoreConfig
-from forgerpc.services.weight_store.store import CHECKSUM_ALGORITHM, Catalog, Receiver, Version
+from forgerpc.services.weight_store.store import CHECKSUM_ALGORITHM, Catalog, Receiver, UploadVerifier, Version
 from forgerpc.v1 import common_pb2, weight_store_pb2 as pb, weight_store_pb2_grpc
 
 ITEMSIZE = {
@@ -127,9 +128,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
                 blob = self.catalog.take_upload(h.upload_id)
                 require(blob.size == total, "header.manifest.total_bytes",
                         f"must equal the upload's size {blob.size}")
-                async for _ in stream:
-                    require(False, "data", "no data chunks may follow a header with upload_id")
-                await self.catalog.verify(blob.view, h.manifest)
+                await self._verify_upload(stream, blob, h.manifest)
             else:
                 blob = self.catalog.backend.allocate(total, "put")
                 await self._receive(stream, blob, h.manifest)
@@ -143,12 +142,28 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
                 if blob is not None:
                     blob.free()
 
+    async def _verify_upload(self, stream, blob, manifest: common_pb2.TensorManifest) -> None:
+        """Checks the segment's tensors as later headers bring their checksums, then the rest."""
+        verifier = UploadVerifier(blob.view, manifest, self.catalog.pool)
+        try:
+            async for message in stream:
+                require(isinstance(message, pb.PutWeightsRequest) and message.HasField("header"), "data",
+                        "no data chunks may follow a header with upload_id (later headers carry checksums)")
+                verifier.expect(message.header)
+            await verifier.finish(self.cfg.verify_threads)
+        finally:
+            verifier.settle()  # no thread may still read the segment once it can be freed
+
     async def _receive(self, stream, blob, manifest: common_pb2.TensorManifest) -> None:
         total, pos = manifest.total_bytes, 0
         receiver = Receiver(blob, manifest, self.catalog.receive_pool)
         try:
             async for data in stream:
-                require(isinstance(data, memoryview), "header", "only the first message may be a header")
+                if not isinstance(data, memoryview):  # a later header: checksums sent after the bytes
+                    require(data.HasField("header"), "data", "a message after the header needs data or a header")
+                    await receiver.drain()  # the worker owns the verifier while it hashes a chunk
+                    receiver.verifier.expect(data.header)
+                    continue
                 require(pos + len(data) <= total, "data", f"more bytes than header.manifest.total_bytes ({total})")
                 await receiver.write(pos, data)
                 pos += len(data)
@@ -156,6 +171,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
         finally:
             receiver.settle()  # the worker must be done with the blob before it can be freed
         require(pos == total, "data", f"stream ended after {pos} of {total} bytes")
+        receiver.verifier.checksums.finish()
 
     async def AllocateUpload(self, request, context) -> pb.AllocateUploadResponse:
         if not self.catalog.backend.shared_memory:

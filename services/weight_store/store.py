@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import xxhash
 
-from forgerpc.services.common.errors import ServiceError, not_found
+from forgerpc.services.common.errors import ServiceError, not_found, require
 from forgerpc.services.weight_store.backends import Backend, Blob
 from forgerpc.services.weight_store.config import WeightStoreConfig
 from forgerpc.v1 import common_pb2
@@ -39,15 +39,70 @@ def checksum_error(spec: common_pb2.TensorSpec, got: int) -> ServiceError:
     )
 
 
-class StreamVerifier:
-    """Checks per-tensor checksums while bytes arrive in buffer order, in arbitrary chunks.
+class Checksums:
+    """A Put's expected per-tensor checksums: from its header, or sent later (0 = "comes later").
 
-    feed(pos, data) hashes the part of `data` (bytes [pos, pos+len)) inside each tensor and
-    compares a tensor's digest as soon as its last byte arrived, so a bad tensor fails the Put early.
+    A client may send the checksums after the bytes (later `header` messages listing name and
+    checksum), so it can hash each tensor while it copies it instead of in a pass of its own
+    beforehand. Each tensor is compared once, as soon as both its digest and its checksum are
+    known; `finish` compares the rest against what was sent (still 0 if never sent: DATA_LOSS).
     """
 
     def __init__(self, tensors):
         self.tensors = list(tensors)
+        self.index = {t.name: i for i, t in enumerate(self.tensors)}
+        self.expected = [t.checksum for t in self.tensors]
+        self.digests: dict[int, int] = {}  # computed, waiting for a checksum
+        self.compared = [False] * len(self.tensors)
+
+    def updates(self, header) -> list[int]:
+        """Takes the checksums of a later header; returns the indices of the tensors it names."""
+        out = []
+        for i, t in enumerate(header.manifest.tensors):
+            j = self.index.get(t.name)
+            require(j is not None, f"header.manifest.tensors[{i}].name",
+                    f"'{t.name}' is not in this Put's manifest (a later header only sends checksums)")
+            require(not self.compared[j] and j not in out, f"header.manifest.tensors[{i}].checksum",
+                    f"the checksum of '{t.name}' was given twice or after its bytes were checked")
+            self.expected[j] = t.checksum
+            out.append(j)
+        return out
+
+    def digest(self, i: int, got: int) -> None:
+        """Records tensor i's digest; compares it now unless its checksum is still to come."""
+        if self.expected[i]:
+            self.compare(i, got)
+        else:
+            self.digests[i] = got
+
+    def compare(self, i: int, got: int) -> None:
+        self.compared[i] = True
+        self.digests.pop(i, None)
+        if got != self.expected[i]:
+            raise checksum_error(self.tensors[i], got)
+
+    def finish(self) -> None:
+        """Compares the digests still waiting; then the manifest holds the verified checksums."""
+        for i, got in list(self.digests.items()):
+            self.compare(i, got)
+        self.write_back()
+
+    def write_back(self) -> None:
+        for t, checksum in zip(self.tensors, self.expected):
+            t.checksum = checksum
+
+
+class StreamVerifier:
+    """Checks per-tensor checksums while bytes arrive in buffer order, in arbitrary chunks.
+
+    feed(pos, data) hashes the part of `data` (bytes [pos, pos+len)) inside each tensor and
+    compares a tensor's digest as soon as its last byte arrived and its checksum is known, so a
+    bad tensor fails the Put early; `checksums.finish()` at the end compares the rest.
+    """
+
+    def __init__(self, tensors):
+        self.checksums = Checksums(tensors)
+        self.tensors = self.checksums.tensors
         self.i = 0
         self.hasher = xxhash.xxh3_64()
 
@@ -60,10 +115,66 @@ class StreamVerifier:
                 self.hasher.update(data[lo - pos:hi - pos])
             if t.offset + t.byte_size > end:
                 return
-            if self.hasher.intdigest() != t.checksum:
-                raise checksum_error(t, self.hasher.intdigest())
+            self.checksums.digest(self.i, self.hasher.intdigest())
             self.hasher.reset()
             self.i += 1
+
+    def expect(self, header) -> None:
+        """A later header's checksums; the tensors already hashed are compared at once."""
+        for j in self.checksums.updates(header):
+            if j in self.checksums.digests:
+                self.checksums.compare(j, self.checksums.digests[j])
+
+
+class UploadVerifier:
+    """Checks a shared-memory upload while the client is still filling it.
+
+    The client sends each tensor's checksum (a later header) as soon as it has copied it; the
+    tensor is then hashed here in a `verify_threads` thread, while the client copies the next
+    ones and while its bytes are likely still in the L3 cache. `finish` hashes the tensors no
+    checksum came for (an old client that sends the whole manifest at the end), in balanced
+    parts, and waits for all: every byte of the segment is read here, nothing is taken on trust.
+    """
+
+    def __init__(self, view: memoryview, manifest: common_pb2.TensorManifest, pool: ThreadPoolExecutor):
+        self.view, self.pool = view, pool
+        self.checksums = Checksums(manifest.tensors)
+        self.futures: list[concurrent.futures.Future] = []
+        self.queued: set[int] = set()
+
+    def _check(self, indices: list[int]) -> None:
+        for i in indices:
+            t = self.checksums.tensors[i]
+            got = xxhash.xxh3_64_intdigest(self.view[t.offset:t.offset + t.byte_size])
+            if got != self.checksums.expected[i]:
+                raise checksum_error(t, got)
+
+    def expect(self, header) -> None:
+        """Starts checking the tensors a later header names; raises a failure found meanwhile."""
+        indices = self.checksums.updates(header)
+        for i in indices:
+            self.checksums.compared[i] = True  # their checksums are final: later ones are refused
+        self.queued.update(indices)
+        self.futures.append(self.pool.submit(self._check, indices))
+        for f in [f for f in self.futures if f.done()]:
+            f.result()  # a checksum error fails the Put early
+
+    async def finish(self, threads: int) -> None:
+        rest = [i for i in range(len(self.checksums.tensors)) if i not in self.queued]
+        parts: list[list[int]] = [[] for _ in range(threads)]
+        loads = [0] * threads
+        for i in sorted(rest, key=lambda i: -self.checksums.tensors[i].byte_size):  # greedy by bytes
+            k = loads.index(min(loads))
+            parts[k].append(i)
+            loads[k] += self.checksums.tensors[i].byte_size
+        self.futures += [self.pool.submit(self._check, p) for p in parts if p]
+        for f in self.futures:
+            await asyncio.wrap_future(f)
+        self.checksums.write_back()
+
+    def settle(self) -> None:
+        """Blocks until no thread reads the segment (before it can be freed or reused)."""
+        concurrent.futures.wait(self.futures)
 
 
 def address_of(view: memoryview) -> int:
@@ -166,24 +277,6 @@ class Catalog:
 
     def unreserve(self, number: int) -> None:
         self.pending.discard(number)
-
-    async def verify(self, view: memoryview, manifest: common_pb2.TensorManifest) -> None:
-        """Checks every tensor's xxh3_64 in `verify_threads` threads (xxhash releases the GIL)."""
-        parts: list[list] = [[] for _ in range(self.cfg.verify_threads)]
-        loads = [0] * len(parts)
-        for t in sorted(manifest.tensors, key=lambda t: -t.byte_size):  # greedy balance by bytes
-            i = loads.index(min(loads))
-            parts[i].append(t)
-            loads[i] += t.byte_size
-
-        def check(tensors) -> None:
-            for t in tensors:
-                got = xxhash.xxh3_64_intdigest(view[t.offset:t.offset + t.byte_size])
-                if got != t.checksum:
-                    raise checksum_error(t, got)
-
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self.pool, check, p) for p in parts if p))
 
     async def publish(self, meta: common_pb2.WeightVersion, manifest: common_pb2.TensorManifest,
                       blob: Blob) -> Version:

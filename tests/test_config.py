@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import ROOT
 from forgerpc.clients.config import ConfigError, load_config
 from forgerpc.orchestrator.config import StackConfig
 from forgerpc.services.reward.config import RewardConfig
@@ -48,3 +49,11 @@ def test_malformed_override_and_missing_file(tmp_path):
 def test_stack_config_rejects_unknown_service():
     with pytest.raises(ConfigError, match="unknown service 'rewards'"):
         load_config(StackConfig, None, ["services.rewards.replicas=1"])
+
+
+def test_groups_per_rollout_must_divide_prompts_per_step():
+    from forgerpc.orchestrator.config import RunConfig
+
+    assert load_config(RunConfig, ROOT / "configs/grpo_tiny.yaml", ["grpo.groups_per_rollout=4"]).grpo.groups_per_rollout == 4
+    with pytest.raises(ConfigError, match="grpo.groups_per_rollout"):
+        load_config(RunConfig, ROOT / "configs/grpo_tiny.yaml", ["grpo.groups_per_rollout=3"])

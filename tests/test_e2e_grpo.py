@@ -93,11 +93,13 @@ def test_time_budget_ends_grpo_with_eval_and_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_dynamic_sampling_and_ppo_epochs(tmp_path):
+def test_dynamic_sampling_ppo_epochs_and_batched_rollouts(tmp_path):
     """grpo.drop_equal_reward_groups: a random model's responses start with a digit now and then, so
     some groups get mixed rewards and most get all 0; only the mixed ones reach the trainer.
-    grpo.ppo_epochs=2: two trainer steps per batch."""
+    grpo.ppo_epochs=2: two trainer steps per batch. grpo.groups_per_rollout=2: one Generate,
+    Evaluate and AddEpisodes call for two groups, dropped ones included."""
     out = _run(tmp_path, "sft.steps=0", "grpo.steps=3", "grpo.drop_equal_reward_groups=true", "grpo.ppo_epochs=2",
+               "grpo.groups_per_rollout=2",
                "services.reward.config={functions: [{kind: regex_match, options: {pattern: '^[0-9]'}}]}")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

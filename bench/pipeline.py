@@ -22,7 +22,10 @@ Parts:
              figure would measure a model step, not the framework. CPU per episode of every process
              (orchestrator, generator, reward, buffer, Redis) comes from /proc over the timed window.
              Traces on and sampled, as `forgerpc run` has them (CONFIG's trace_sample_ratio; --no-traces
-             to compare).
+             to compare). Rollouts of --null-groups-per-rollout groups (default 8, by --null-workers 8
+             workers): one Generate / Evaluate / AddEpisodes per 8 groups, since a gRPC call costs
+             ~0.8 ms of CPU on its two ends whatever its size (--null-groups-per-rollout 1 --null-workers 32
+             for one group per call, as configs/grpo_tiny.yaml runs).
              -> null_episodes_per_s (target >= 5,000)
   null_full  The same null stack plus the real trainer (1-layer hidden-16 model) through `forgerpc run`
              with max_staleness 4: the whole loop, TrainStep/PublishWeights/UpdateWeights included;
@@ -154,7 +157,7 @@ def summarize(run: dict, batch: int) -> dict:
 # ---- the parts ------------------------------------------------------------------------------------
 def part_null_full_loop(args, work: pathlib.Path, batch: int) -> dict:
     overrides = [*NULL_OVERRIDES, f"grpo.steps={args.null_steps}", f"grpo.eval_every={10 ** 9}",
-                 f"grpo.rollout_workers={args.null_workers}"]
+                 f"grpo.rollout_workers={args.null_workers}", f"grpo.groups_per_rollout={args.null_groups_per_rollout}"]
     run = forgerpc_run(args.config, overrides, work / "null", work / "null.log")
     return summarize(run, batch)
 
@@ -185,6 +188,7 @@ async def part_null(args, work: pathlib.Path) -> dict:
     from forgerpc.services.common.models import make_tiny_model
 
     cfg = load_config(RunConfig, args.config, [*NULL_OVERRIDES, f"grpo.rollout_workers={args.null_workers}",
+                                               f"grpo.groups_per_rollout={args.null_groups_per_rollout}",
                                                *args.null_set])
     m = cfg.model  # the null generator tokenizes with this model's tokenizer, as a real one would
     model = make_tiny_model(work / "null-model", arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers,
@@ -395,7 +399,8 @@ def main() -> int:
     p.add_argument("--null-warmup", type=float, default=5)
     p.add_argument("--no-traces", action="store_true", help="null rollout path without OpenTelemetry traces")
     p.add_argument("--null-steps", type=int, default=300, help="GRPO steps of the null full loop")
-    p.add_argument("--null-workers", type=int, default=32, help="rollout workers of the null run")
+    p.add_argument("--null-workers", type=int, default=8, help="rollout workers of the null rollout path")
+    p.add_argument("--null-groups-per-rollout", type=int, default=8, help="grpo.groups_per_rollout of the null rollout path")
     p.add_argument("--null-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override of the null rollout path (repeatable), e.g. grpo.rollout_workers=8")
     p.add_argument("--bare-steps", type=int, default=40)

@@ -34,8 +34,8 @@ import uuid
 
 from forgerpc.clients import ForgeRPCError
 from forgerpc.orchestrator.config import GRPOConfig
-from forgerpc.orchestrator.loop import (Metrics, Position, Services, checkpoint, current_traceparent, evaluate,
-                                       publish, rollout_links)
+from forgerpc.orchestrator.loop import (Metrics, Position, Services, add_group, checkpoint, current_traceparent,
+                                       evaluate, publish, rollout_links)
 from forgerpc.orchestrator.tasks import TaskSet
 from forgerpc.v1 import common_pb2, replay_buffer_pb2, reward_pb2
 
@@ -102,9 +102,7 @@ class GRPO:
         with self.metrics.phase("generate"):
             out = await self.s.generator.generate.route(
                 prompts=prompts, sampling_params=self.sampling(self.cfg.group_size, self.cfg.temperature))
-        # Requests are built in place (fields set, lists extended): a RewardItem / Episode made with a
-        # dict for its map field and then copied into the request costs twice as much CPU.
-        with self.metrics.phase("reward"):
+        with self.metrics.phase("reward"):  # the request built in place: half the CPU of RewardItem(metadata=dict)
             request = reward_pb2.EvaluateRequest()
             for c in out.completions:
                 ex = example_of[c.prompt_id]
@@ -124,15 +122,7 @@ class GRPO:
                 self.metrics.count("groups_dropped")
                 self.groups_in_flight.release()  # no gradient in it: sample another prompt instead
                 continue
-            for (c, s), a in zip(members, group_advantages(rewards, self.cfg.std_normalize)):
-                e = request.episodes.add(
-                    episode_id=f"{group_id}-{c.index}", group_id=group_id, group_size=len(members), reward=s.score,
-                    advantage=a, has_advantage=True, policy_version=c.policy_version, created_unix_ms=now_ms,
-                    traceparent=traceparent)
-                e.prompt_token_ids.extend(c.prompt_token_ids)
-                e.response_token_ids.extend(c.token_ids)
-                e.response_logprobs.extend(c.logprobs)
-                e.sub_scores.update(s.sub_scores)
+            add_group(request, group_id, members, group_advantages(rewards, self.cfg.std_normalize), now_ms, traceparent)
         if request.episodes:
             with self.metrics.phase("enqueue"):
                 await self.s.buffer.add_episodes.route(request)

@@ -30,6 +30,21 @@ def current_traceparent() -> str:
     return carrier.get("traceparent", "")
 
 
+def add_group(request, group_id: str, members: list, advantages: list[float], now_ms: int, traceparent: str) -> None:
+    """Appends one group's episodes, `members` = [(Completion, RewardScore)], to an
+    AddEpisodesRequest. Built in place (scalars set, lists extended): an Episode made with a dict
+    for its map field and then copied into the request costs twice the CPU."""
+    for (c, s), a in zip(members, advantages):
+        e = request.episodes.add(
+            episode_id=f"{group_id}-{c.index}", group_id=group_id, group_size=len(members), reward=s.score,
+            advantage=a, has_advantage=True, policy_version=c.policy_version, created_unix_ms=now_ms,
+            traceparent=traceparent)
+        e.prompt_token_ids.extend(c.prompt_token_ids)
+        e.response_token_ids.extend(c.token_ids)
+        e.response_logprobs.extend(c.logprobs)
+        e.sub_scores.update(s.sub_scores)
+
+
 def rollout_links(episodes, limit: int = 32) -> list[trace.Link]:
     """Links from a training step's span to the (sampled) rollouts its episodes came from: the
     trace crosses Redis this way, since a step consumes many rollouts and has one parent."""

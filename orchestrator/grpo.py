@@ -139,12 +139,10 @@ class GRPO:
         batch_size = self.cfg.prompts_per_step * self.cfg.group_size
         for step in range(self.start.step + 1, self.cfg.steps + 1):
             with self.metrics.phase("sample"):
-                batch = await self.s.buffer.sample.call_one(batch_size=batch_size, whole_groups=True,
-                                                            current_policy_version=self.version, wait_seconds=60)
-                while not batch.episodes:  # what was there was filtered or evicted: its permits come back
-                    self.release(await self.dropped_groups())
-                    batch = await self.s.buffer.sample.call_one(batch_size=batch_size, whole_groups=True,
-                                                                current_policy_version=self.version, wait_seconds=60)
+                while not (batch := await self.s.buffer.sample.call_one(
+                        batch_size=batch_size, whole_groups=True, current_policy_version=self.version,
+                        wait_seconds=60)).episodes:
+                    self.release(await self.dropped_groups())  # what was there was filtered or evicted
             with self.metrics.phase("train", links=rollout_links(batch.episodes)):
                 for _ in range(self.cfg.ppo_epochs):
                     result = await self.s.trainer.train_step.call_one(episodes=batch.episodes,

@@ -314,59 +314,38 @@ def part_staleness(args, work: pathlib.Path, batch: int) -> dict:
     return out
 
 
-def part_bare(args, batch_prompts: int, group: int) -> dict:
-    """A single-process GRPO loop of the same model: no services, no RPC, no Redis."""
-    import random
-
+def bare_grpo_step(model, tok, optimizer, prompts: list[str], group: int, temperature: float, max_tokens: int,
+                   clip: float, std_normalize: bool, score) -> dict:
+    """One on-policy GRPO step in this process (no services, no RPC, no Redis): HF `generate` of
+    prompts x group (sampled, logprobs from the scores), `score(texts) -> rewards` (one per response),
+    group advantages, the trainer's own `grpo_loss` over the nonzero-advantage episodes (as the
+    trainer), AdamW, grad clipping. `tok.padding_side` must be "left". Returns timings and rewards."""
     import torch
 
-    from forgerpc.clients.config import load_config
-    from forgerpc.orchestrator.config import RunConfig
     from forgerpc.orchestrator.grpo import group_advantages
-    from forgerpc.orchestrator.tasks import make_task
-    from forgerpc.services.common.models import load_model, make_tiny_model
     from forgerpc.services.trainer import losses
 
-    cfg = load_config(RunConfig, args.config)
-    m, g = cfg.model, cfg.grpo
-    # The reference gets every core (torch's default), whatever threads the services are given.
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_model(tmp, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,
-                               num_kv_heads=m.kv_heads, intermediate_size=2 * m.hidden_size, seed=m.seed)
-        model, tok = load_model(path)
-    tok.padding_side = "left"
-    opt_cfg = cfg.services["trainer"].config.get("optim", {})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.get("lr", 1e-5))
-    clip = cfg.services["trainer"].config.get("loss", {}).get("clip_low", 0.2)
-    task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
-    rng = random.Random(0)
-    times, gen_s, train_s, trained = [], [], [], []
-    for _ in range(args.bare_steps):
-        t0 = time.perf_counter()
-        examples = [task.sample_train(rng) for _ in range(batch_prompts)]
-        enc = tok([e.prompt for e in examples], return_tensors="pt", padding=True)
-        model.eval()
-        with torch.no_grad():  # generate: the rollout side
-            out = model.generate(**enc, do_sample=True, temperature=g.temperature, top_k=0, top_p=1.0,
-                                 max_new_tokens=g.max_tokens, num_return_sequences=group,
-                                 output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
-        P = enc["input_ids"].shape[1]
-        response = out.sequences[:, P:]  # (B, R), B = prompts x group
-        old = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1).gather(
-            -1, response.unsqueeze(-1)).squeeze(-1)
-        # a sequence is live up to and including its EOS; after it, generate pads
-        done_before = (response == tok.eos_token_id).int().cumsum(-1) - (response == tok.eos_token_id).int()
-        mask = (done_before == 0).float()
-        texts = tok.batch_decode(response, skip_special_tokens=True)
-        rewards = [float(re.search(SIGNAL_PATTERN, t) is not None) for t in texts]  # see SIGNAL_PATTERN
-        adv = torch.tensor([a for i in range(0, len(rewards), group)
-                            for a in group_advantages(rewards[i:i + group], g.std_normalize)])
-        t1 = time.perf_counter()
+    t0 = time.perf_counter()
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():  # generate: the rollout side
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_tokens, num_return_sequences=group,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    P = enc["input_ids"].shape[1]
+    response = out.sequences[:, P:]  # (B, R), B = prompts x group
+    old = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1).gather(
+        -1, response.unsqueeze(-1)).squeeze(-1)
+    # a sequence is live up to and including its EOS; after it, generate pads
+    done_before = (response == tok.eos_token_id).int().cumsum(-1) - (response == tok.eos_token_id).int()
+    mask = (done_before == 0).float()
+    rewards = score(tok.batch_decode(response, skip_special_tokens=True))
+    adv = torch.tensor([a for i in range(0, len(rewards), group)
+                        for a in group_advantages(rewards[i:i + group], std_normalize)])
+    t1 = time.perf_counter()
+    keep = adv.nonzero().flatten()  # as the trainer: zero-advantage episodes carry no gradient
+    if len(keep):  # else nothing to learn from this batch (e.g. a random model that emits no digit)
         model.train()  # train: one step on the batch just generated (on-policy, like max_staleness 0)
-        keep = adv.nonzero().flatten()  # as the trainer: zero-advantage episodes carry no gradient
-        trained.append(len(keep) / len(adv))
         attn = torch.cat([enc["attention_mask"].repeat_interleave(group, 0), mask.long()], 1)[keep]
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=out.sequences[keep], attention_mask=attn, position_ids=positions,
@@ -378,9 +357,57 @@ def part_bare(args, batch_prompts: int, group: int) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+    return {"gen_s": t1 - t0, "train_s": time.perf_counter() - t1, "trained_fraction": len(keep) / len(adv),
+            "rewards": rewards}
+
+
+def bare_model(cfg, tmp: str):
+    """CONFIG's model, random-initialized through the real loading code, and its tokenizer (left padding)."""
+    from forgerpc.services.common.models import load_model, make_tiny_model
+
+    m = cfg.model
+    path = make_tiny_model(tmp, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,
+                           num_kv_heads=m.kv_heads, intermediate_size=2 * m.hidden_size, seed=m.seed)
+    model, tok = load_model(path)
+    tok.padding_side = "left"
+    return model, tok
+
+
+def part_bare(args, batch_prompts: int, group: int) -> dict:
+    """A single-process GRPO loop of the same model: no services, no RPC, no Redis."""
+    import random
+
+    import torch
+
+    from forgerpc.clients.config import load_config
+    from forgerpc.orchestrator.config import RunConfig
+    from forgerpc.orchestrator.tasks import make_task
+
+    cfg = load_config(RunConfig, args.config)
+    g = cfg.grpo
+    # The reference gets every core (torch's default), whatever threads the services are given.
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok = bare_model(cfg, tmp)
+    trainer_cfg = cfg.services["trainer"].config
+    optimizer = torch.optim.AdamW(model.parameters(), lr=trainer_cfg.get("optim", {}).get("lr", 1e-5))
+    clip = trainer_cfg.get("loss", {}).get("clip_low", 0.2)
+    task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
+    rng = random.Random(0)
+
+    def score(texts):  # see SIGNAL_PATTERN
+        return [float(re.search(SIGNAL_PATTERN, t) is not None) for t in texts]
+
+    times, gen_s, train_s, trained = [], [], [], []
+    for _ in range(args.bare_steps):
+        prompts = [task.sample_train(rng).prompt for _ in range(batch_prompts)]
+        step = bare_grpo_step(model, tok, optimizer, prompts, group, g.temperature, g.max_tokens, clip,
+                              g.std_normalize, score)
         times.append(time.perf_counter())
-        gen_s.append(t1 - t0)
-        train_s.append(times[-1] - t1)
+        gen_s.append(step["gen_s"])
+        train_s.append(step["train_s"])
+        trained.append(step["trained_fraction"])
     k = min(max(1, int(len(times) * 0.2)), len(times) - 2)
     return {"steps": args.bare_steps, "threads": threads, "generate_ms_median": round(1000 * sorted(gen_s)[len(gen_s) // 2], 1),
             "train_ms_median": round(1000 * sorted(train_s)[len(train_s) // 2], 1),
@@ -430,7 +457,7 @@ def main() -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="forgerpc-pipeline-"))
     result = json.loads(OUT.read_text()) if OUT.is_file() else {}  # parts not run keep their last figures
     result.update(date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), machine=platform.machine(),
-                  cpus=os.cpu_count(), quick=args.quick, config=str(args.config.relative_to(ROOT)))
+                  cpus=os.cpu_count(), quick=args.quick, config=os.path.relpath(args.config, ROOT))
     try:
         if "null" in parts:
             if args.profile:

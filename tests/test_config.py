@@ -57,3 +57,14 @@ def test_groups_per_rollout_must_divide_prompts_per_step():
     assert load_config(RunConfig, ROOT / "configs/grpo_tiny.yaml", ["grpo.groups_per_rollout=4"]).grpo.groups_per_rollout == 4
     with pytest.raises(ConfigError, match="grpo.groups_per_rollout"):
         load_config(RunConfig, ROOT / "configs/grpo_tiny.yaml", ["grpo.groups_per_rollout=3"])
+
+
+def test_yaml_on_off_mean_the_words_for_tis():
+    # YAML 1.1 reads bare on/off as booleans; `loss.tis=off` must still select "off", and a
+    # genuinely wrong value still names the key.
+    from forgerpc.services.trainer.config import TrainerConfig
+
+    assert load_config(TrainerConfig, None, ["loss.tis=off"]).loss.tis == "off"
+    assert load_config(TrainerConfig, None, ["loss.tis=on"]).loss.tis == "on"
+    with pytest.raises(ConfigError, match="loss.tis"):
+        load_config(TrainerConfig, None, ["loss.tis=sometimes"])

@@ -131,7 +131,7 @@ def test_all_zero_advantages_leave_the_weights(model_dir):
 
 def test_stale_episodes_use_tis(model_dir):
     """Stale episodes (policy_version behind the trainer's) get a proximal ratio (never clipped) + TIS."""
-    b = backend(model_dir)
+    b = backend(model_dir, loss={"tis": "auto"})
     b.policy_version = 5
     stale = b.train_step(episodes(version=1))
     assert stale.clip_fraction == 0.0

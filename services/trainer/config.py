@@ -31,10 +31,22 @@ class LossConfig(Config):
     beta: float = Field(default=0.0, ge=0)  # k3 KL to the initial weights; 0 = no reference model
     # Generation budget, Dr.GRPO's constant normalizer; 0 = the longest response of the batch.
     max_tokens: int = Field(default=0, ge=0)
-    # Truncated importance sampling for stale episodes (policy_version < trainer's): "auto" = on when
-    # stale; such episodes then use a proximal ratio against the trainer's logprobs, weighted by TIS.
-    tis: Literal["auto", "on", "off"] = "auto"
+    # Truncated importance sampling. "off": the PPO ratio is taken against the generator's logprobs
+    # (the policy that sampled the episode), so clipping bounds the update relative to it however
+    # stale the episode is. "auto" (on for stale episodes, policy_version < trainer's) / "on": a
+    # proximal ratio against the trainer's own logprobs, weighted by min(pi_trainer / pi_generator,
+    # tis_cap): the tool for a generator whose logprobs differ numerically from the trainer's (vLLM),
+    # but with one optimizer step per batch its ratio is 1, so nothing bounds the step: at
+    # max_staleness 4 on grpo_tiny it took held-out accuracy from 0.46 to 0.12-0.33 in 150 steps,
+    # where "off" rose to 0.645 by step 400 (bench/README.md, 2026-11-27).
+    tis: Literal["auto", "on", "off"] = "off"
     tis_cap: float = Field(default=2.0, gt=0)
+
+    @field_validator("tis", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):
+        # YAML 1.1 reads a bare `on`/`off` as a boolean: `tis: off` must mean "off", not a type error.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
     # Advantages for episodes without has_advantage: group-relative over equal group_id in the batch.
     normalize_std: bool = True  # False = Dr.GRPO advantages
 

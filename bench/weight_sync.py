@@ -30,7 +30,8 @@ Memory: a fresh reader process (its model already allocated) loads the newest ve
 load_first_load_rss_extra_bytes / load_steady_rss_extra_bytes are its anonymous RSS (RssAnon,
 sampled every 2 ms) above the level before the load, load_python_peak_bytes the tracemalloc
 peak of Python objects (the received messages: grpcio holds ~2 while it assembles one) during one
-more load.
+more load; load_raw_grpc_python_peak_bytes the same peak for a plain grpc.aio download of the same
+messages from the raw server (no store, no SDK), i.e. what grpcio alone needs.
 Results go to bench/results/weight_sync.json.
 """
 
@@ -197,12 +198,35 @@ async def raw_grpc_gbps(address: str, total: int, repeats: int) -> tuple[float, 
     return 2 * total / (t_up + t_down) / 1e9, total / t_up / 1e9, total / t_down / 1e9
 
 
-async def reader(address: str, size: str, transport: str) -> None:
+async def raw_python_peak(raw_address: str, total: int) -> int:
+    """tracemalloc peak of a plain grpc.aio download of `total` bytes (at most 32 messages: the
+    peak does not grow with the count) in CHUNK messages, each dropped before the next is read:
+    what grpcio itself needs per message (no store, no SDK)."""
+    import tracemalloc
+    ident = lambda b: b  # noqa: E731
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(raw_address, options=options) as channel:
+        down = channel.unary_stream(f"/{RAW_SERVICE}/Download", ident, ident)
+        async for _ in down(str(4 * CHUNK).encode()):  # warm: the connection, grpcio's pools
+            pass
+        tracemalloc.start()
+        call = down(str(min(total // CHUNK, 32) * CHUNK).encode())
+        while (message := await call.read()) is not grpc.aio.EOF:
+            del message
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+async def reader(address: str, size: str, transport: str, raw_address: str) -> None:
     """A fresh generator-like process: its model exists, then it loads the newest version 3 times.
 
     Reports RssAnon above the pre-load level for the first load (includes one-time set-up: the
     connection, thread pools, allocator arenas) and for later loads (steady state), and the
-    tracemalloc peak of Python objects (the received messages) during one more load.
+    tracemalloc peak of Python objects (the received messages) during one more load. For gRPC,
+    also the same peak for a plain download of as many bytes (`raw_python_peak`): grpcio builds
+    each received message in a bytearray and then copies it into bytes, so even a reader that
+    holds nothing needs 2 messages at that moment (ReceiveMessageOperation.un_c).
     """
     import tracemalloc
     tune_allocator()
@@ -220,12 +244,16 @@ async def reader(address: str, size: str, transport: str) -> None:
     await load_into(client, model, None, transport=transport, chunk_bytes=CHUNK, threads=THREADS)
     python_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    print(json.dumps({"version": loaded.version, "load_s": min(seconds), "first_load_rss_extra_bytes": extras[0],
-                      "steady_rss_extra_bytes": max(extras[1:]), "python_peak_bytes": python_peak}), flush=True)
+    out = {"version": loaded.version, "load_s": min(seconds), "first_load_rss_extra_bytes": extras[0],
+           "steady_rss_extra_bytes": max(extras[1:]), "python_peak_bytes": python_peak}
+    if transport == "grpc":
+        out["raw_grpc_python_peak_bytes"] = await raw_python_peak(raw_address, sum(t.nbytes for t in model.values()))
+    print(json.dumps(out), flush=True)
 
 
-def fresh_reader(address: str, size: str, transport: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--reader", address, size, transport, f"--chunk-bytes={CHUNK}"],
+def fresh_reader(address: str, size: str, transport: str, raw_address: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--reader", address, size, transport, raw_address,
+                          f"--chunk-bytes={CHUNK}"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -303,7 +331,7 @@ async def bench_size(size: str, store_address: str, raw_address: str, repeats: i
     await client.close()
     del dst  # the fresh readers below bring their own model
     for transport in ("shm", "grpc"):
-        out[transport]["fresh_reader"] = r = fresh_reader(store_address, size, transport)
+        out[transport]["fresh_reader"] = r = fresh_reader(store_address, size, transport, raw_address)
         print(f"[{size}] fresh {transport} reader: {json.dumps(r)}", flush=True)
     out["memcpy_torch_gbps"], out["memcpy_threads_gbps"] = max(m[0] for m in memcpy), max(m[1] for m in memcpy)
     out["memcpy_gbps"] = max(out["memcpy_torch_gbps"], out["memcpy_threads_gbps"])
@@ -314,12 +342,15 @@ async def bench_size(size: str, store_address: str, raw_address: str, repeats: i
     for key in ("first_load_rss_extra_bytes", "steady_rss_extra_bytes", "python_peak_bytes"):
         out[f"load_{key}"] = max(out[t]["fresh_reader"][key] for t in ("shm", "grpc"))
     out["peak_extra_memory_limit_bytes"] = int(1.1 * CHUNK)  # 1.1 x largest chunk (the model is preallocated)
+    out["load_raw_grpc_python_peak_bytes"] = out["grpc"]["fresh_reader"]["raw_grpc_python_peak_bytes"]
     print(f"[{size}] memcpy {out['memcpy_gbps']:.2f} GB/s (torch {out['memcpy_torch_gbps']:.2f}, "
           f"{THREADS} threads {out['memcpy_threads_gbps']:.2f}), raw gRPC {out['raw_grpc_gbps']:.2f} GB/s, "
           f"shm put+get {out['shm_put_get_gbps']:.2f} GB/s (x{out['shm_vs_memcpy']:.2f} memcpy), "
           f"gRPC put+get {out['grpc_put_get_gbps']:.2f} GB/s (x{out['grpc_vs_raw']:.2f} raw), "
           f"load extra memory: steady {out['load_steady_rss_extra_bytes'] / 2**20:.1f} MiB RSS, "
-          f"python {out['load_python_peak_bytes'] / 2**20:.1f} MiB", flush=True)
+          f"python {out['load_python_peak_bytes'] / 2**20:.1f} MiB (a plain grpc.aio download of the same "
+          f"messages: {out['load_raw_grpc_python_peak_bytes'] / 2**20:.1f}; "
+          f"limit {out['peak_extra_memory_limit_bytes'] / 2**20:.1f})", flush=True)
     return out
 
 
@@ -367,7 +398,8 @@ if __name__ == "__main__":
     parser.add_argument("--chunk-bytes", type=int, default=CHUNK, help="gRPC message size, store and reference")
     parser.add_argument("--out", default=str(ROOT / "bench/results/weight_sync.json"), help="results file")
     parser.add_argument("--raw-server", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--reader", nargs=3, metavar=("ADDRESS", "SIZE", "TRANSPORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--reader", nargs=4, metavar=("ADDRESS", "SIZE", "TRANSPORT", "RAW_ADDRESS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     CHUNK = args.chunk_bytes
     if args.reader:

@@ -7,7 +7,7 @@
 Layout of a version: tensors back to back in one flat buffer, each at a 64-byte aligned offset,
 with a per-tensor xxh3_64 checksum that the store verifies before it publishes. The SDK hashes
 each tensor while it copies it and sends the checksums after the bytes (later PutWeights
-headers; services/weight_store/README.md): per ~8 MiB copied into a shared-memory segment, so
+headers; services/weight_store/README.md): per ~32 MiB copied into a shared-memory segment, so
 the store re-hashes those tensors meanwhile, or once after the last gRPC message.
 
 Transport is chosen per call ("auto"): shared memory when the store's segments are visible on
@@ -16,8 +16,8 @@ straight from the segment or from each received message into the target tensors,
 fly (e.g. fp32 store -> bf16 model); the extra memory is one received message (gRPC; grpcio
 briefly needs two while it assembles one, see `_receive`) or none (shm).
 
-Segment mappings are kept per process (`_Mappings`): the store recycles freed segments for later
-versions, so a trainer or generator maps each of the few segments it meets once, not per call.
+The shared-memory work (segment mappings kept per process, filling an upload, copying a version
+out) is in clients/weights_shm.py; this module runs the protocol for both transports.
 
 torch and xxhash are imported inside the functions, so `import forgerpc.clients` stays light.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import mmap
 import os
 import threading
 import warnings
@@ -35,19 +34,14 @@ from typing import Any, Callable, Iterable, Mapping
 
 import grpc
 
+from forgerpc.clients import weights_shm
 from forgerpc.clients.errors import ForgeRPCError
+from forgerpc.clients.weights_shm import SHM_DIR, buffer_address, forget_segments  # noqa: F401 (public here)
 from forgerpc.v1 import common_pb2, weight_store_pb2 as pb
 
 CHUNK_BYTES = 4 << 20  # gRPC message size: 1-4 MiB is the loopback sweet spot (ENVIRONMENT.md)
 ALIGN = 64
-_BLOCK = 256 << 10  # copy+hash granularity when filling a segment: source + copy fit in L2
-_CAST_BLOCK = 1 << 20  # the same for torch copy_ (casts, CUDA): fewer calls, each one costs more
-_REPORT_BYTES = 8 << 20  # a shm publish sends checksums per ~8 MiB copied (store hashes them in L3)
-_COPY_BLOCK = 4 << 20  # unit of work when copying out of a segment in several threads
-SHM_DIR = "/dev/shm"
 CHECKSUM_ALGORITHM = "xxh3_64"
-# Map every page at once: one call instead of a page fault per 4 KiB (~0.5 s for 3.4 GB).
-_POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 NameMap = Callable[[str], "str | None"]  # returns the new name, or None to skip the tensor
 
 _DTYPE_NAMES = {
@@ -108,102 +102,6 @@ def _dtype_code(dtype) -> int:
 def _byte_view(t) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy (shape ())."""
     return memoryview(t.detach().reshape(-1).view(__import__("torch").uint8).numpy())
-
-
-def _address(buffer) -> int:
-    """Address of a buffer's first byte (bytes, mmap, memoryview; read-only ones too), no copy.
-
-    The caller keeps `buffer` alive while it uses the address.
-    """
-    import numpy as np
-    return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
-
-
-def _memmove_all(jobs: list[tuple[int, int, int]], threads: int) -> None:
-    """Runs memmove(dst, src, n) for every (dst, src, n), split into 4 MiB pieces over `threads`.
-
-    ctypes drops the GIL for the call, so the threads copy in parallel; plain memmove in Python
-    threads also avoids torch's OpenMP fan-out, whose spinning workers stall on a busy machine.
-    """
-    pieces = [(d + lo, s + lo, min(_COPY_BLOCK, n - lo)) for d, s, n in jobs for lo in range(0, n, _COPY_BLOCK)]
-
-    def run(part) -> None:
-        for d, s, n in part:
-            ctypes.memmove(d, s, n)
-
-    if threads <= 1 or len(pieces) <= 1:
-        return run(pieces)
-    with ThreadPoolExecutor(threads, thread_name_prefix="copy") as pool:
-        list(pool.map(run, [pieces[i::threads] for i in range(threads)]))  # interleaved: balanced
-
-
-class _Mappings:
-    """This process's mappings of store segments, kept across calls and looked up by name.
-
-    The store hands freed segments out again (same name, same file) for later versions; mapping
-    one afresh costs a page-table entry per 4 KiB page (MAP_POPULATE of 270 MB: 10-25 ms here).
-    A kept mapping is MAP_SHARED on the same file, so it shows the bytes the store holds now,
-    never an old copy. An entry whose file is gone or was replaced (other inode or size) is
-    dropped at the next lookup (and by `prune`), and at most `keep` are held: a mapping of an
-    unlinked segment keeps its memory alive, so a reader pins at most one dead segment between
-    two loads (`forget_segments` lets go of all). Entries are dropped, never closed: a thread
-    still copying from one keeps it mapped until it lets go of the object.
-    """
-
-    def __init__(self, writable: bool, keep: int = 8):  # > retain_versions + spares + 1 upload
-        self.writable, self.keep = writable, keep
-        self.entries: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}  # oldest first
-        self.lock = threading.Lock()
-
-    def get(self, name: str) -> mmap.mmap:
-        """The segment `name` mapped whole (FileNotFoundError when it is not visible here)."""
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR if self.writable else os.O_RDONLY)
-        try:
-            st = os.fstat(fd)
-            ident = (st.st_dev, st.st_ino, st.st_size)
-            with self.lock:
-                entry = self.entries.pop(name, None)
-                if entry is None or entry[0] != ident:
-                    prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
-                    entry = (ident, mmap.mmap(fd, st.st_size, flags=_POPULATE, prot=prot))
-                self.entries[name] = entry
-                self._prune(name)
-                return entry[1]
-        finally:
-            os.close(fd)
-
-    def prune(self) -> None:
-        """Drops the mappings of segments that are gone (called after a publish retired some)."""
-        with self.lock:
-            self._prune("")
-
-    def _prune(self, current: str) -> None:
-        for name, (ident, _) in list(self.entries.items()):
-            if name == current:
-                continue
-            try:
-                st = os.stat(os.path.join(SHM_DIR, name))
-                alive = (st.st_dev, st.st_ino, st.st_size) == ident
-            except FileNotFoundError:
-                alive = False
-            if not alive:
-                del self.entries[name]
-        while len(self.entries) > self.keep:
-            del self.entries[next(iter(self.entries))]
-
-    def clear(self) -> None:
-        with self.lock:
-            self.entries.clear()
-
-
-_UPLOAD_MAPPINGS = _Mappings(writable=True)  # upload segments this process filled (publish)
-_READ_MAPPINGS = _Mappings(writable=False)  # version segments this process read (load_into)
-
-
-def forget_segments() -> None:
-    """Drops this process's kept segment mappings (their memory goes once the store frees them)."""
-    _UPLOAD_MAPPINGS.clear()
-    _READ_MAPPINGS.clear()
 
 
 def _varint(n: int) -> bytes:
@@ -284,62 +182,6 @@ def _checksum_header(version: int, names: list[str], digests: list[int]) -> byte
         version=version, manifest=common_pb2.TensorManifest(tensors=specs))).SerializeToString()
 
 
-def _fill_segment(name: str, items, manifest, threads: int, report: Callable[[list[tuple[int, int]]], None],
-                  stop: threading.Event) -> None:
-    """Copies (and casts) every tensor into the upload segment and checksums what was written.
-
-    Block by block (256 KiB; 1 MiB for casts and CUDA): each block is hashed right after its
-    copy, while it is still in cache, so the checksum costs a fraction of a second pass over
-    memory. Tensors are spread over
-    `threads` threads; memmove, copy_ and xxhash all release the GIL. Every ~_REPORT_BYTES
-    filled, `report([(index, digest), ...])` hands the finished tensors to the caller, which sends
-    their checksums so the store can hash them while this copies the next ones.
-    `stop` makes the threads quit between blocks (the Put was abandoned). The segment's mapping
-    is kept for the next publish (`_Mappings`).
-    """
-    import torch
-    import xxhash
-
-    mm = _UPLOAD_MAPPINGS.get(name)
-    flat, view = torch.frombuffer(mm, dtype=torch.uint8), memoryview(mm)
-    base = _address(mm)  # valid while `mm` lives (kept in _UPLOAD_MAPPINGS)
-    lock, ready, ready_bytes = threading.Lock(), [], 0
-
-    def fill(i: int) -> None:
-        nonlocal ready_bytes
-        spec, (_, tensor, out) = manifest.tensors[i], items[i]
-        src = tensor.detach().reshape(-1)
-        same = src.dtype == out and src.device.type == "cpu"
-        dst = flat[spec.offset:spec.offset + spec.byte_size].view(out)
-        step, hasher = max((_BLOCK if same else _CAST_BLOCK) // out.itemsize, 1), xxhash.xxh3_64()
-        for lo in range(0, src.numel(), step):
-            if stop.is_set():
-                return
-            if same:  # plain bytes: memmove in this thread (no OpenMP fan-out per block)
-                n = min(step, src.numel() - lo) * out.itemsize
-                ctypes.memmove(base + spec.offset + lo * out.itemsize, src.data_ptr() + lo * out.itemsize, n)
-            else:
-                dst[lo:lo + step].copy_(src[lo:lo + step])
-            a = spec.offset + lo * out.itemsize
-            hasher.update(view[a:min(a + step * out.itemsize, spec.offset + spec.byte_size)])
-        with lock:
-            ready.append((i, hasher.intdigest()))
-            ready_bytes += spec.byte_size
-            if ready_bytes >= _REPORT_BYTES:
-                report(ready[:])
-                ready.clear()
-                ready_bytes = 0
-
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(fill, range(len(items))))
-        if ready and not stop.is_set():
-            report(ready[:])
-    finally:
-        del flat
-        view.release()
-
-
 async def _publish_shm(client, header: pb.PutWeightsHeader, items, threads: int,
                        timeout) -> pb.PutWeightsResponse | None:
     """Shared-memory upload; None when the store's segments are not visible from here.
@@ -374,8 +216,8 @@ async def _publish_shm(client, header: pb.PutWeightsHeader, items, threads: int,
 
     call = asyncio.ensure_future(_rpc(client, "PutWeights", "stream_unary")(
         messages(), timeout=timeout or client.timeout, metadata=client._metadata))
-    fill = asyncio.ensure_future(asyncio.to_thread(_fill_segment, upload.segment_name, items, header.manifest,
-                                                   threads, report, stop))
+    fill = asyncio.ensure_future(asyncio.to_thread(weights_shm.fill_segment, upload.segment_name, items,
+                                                   header.manifest, threads, report, stop))
     try:
         await asyncio.wait([call, fill], return_when=asyncio.FIRST_COMPLETED)
         if fill.done():
@@ -389,7 +231,7 @@ async def _publish_shm(client, header: pb.PutWeightsHeader, items, threads: int,
         stop.set()
         await asyncio.wait([fill])
         call.cancel()  # no-op when finished; otherwise the store frees the upload
-        _UPLOAD_MAPPINGS.prune()  # the publish may have retired (and unlinked) older segments
+        weights_shm.prune_uploads()  # the publish may have retired (and unlinked) older segments
 
 
 async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes: int, timeout) -> pb.PutWeightsResponse:
@@ -509,11 +351,11 @@ class _Writer:
         self.carry = bytearray()
         self.address = flat.data_ptr() if same and flat.device.type == "cpu" else None
 
-    def write(self, rel: int, piece: memoryview) -> None:
+    def write(self, rel: int, piece: memoryview, source: int) -> None:
+        """Writes `piece` (whose first byte is at address `source`) at byte `rel` of the tensor."""
         import torch
         if self.address is not None:
-            if len(piece):
-                ctypes.memmove(self.address + rel, _address(piece), len(piece))
+            ctypes.memmove(self.address + rel, source, len(piece))
             return
         isz = self.itemsize
         if self.carry:
@@ -561,31 +403,6 @@ def _match(manifest, targets: dict, name_map: NameMap | None, strict: bool, part
     return pairs
 
 
-def _copy_from_segment(name: str, pairs, threads: int) -> None:
-    """Copies each tensor out of the version's segment (mapping kept, see `_Mappings`).
-
-    Same-dtype CPU targets: memmove in `threads` threads. Others (casts, CUDA, non-contiguous
-    targets): torch copy_ per tensor.
-    """
-    import torch
-    mm = _READ_MAPPINGS.get(name)
-    base, jobs = _address(mm), []
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        for spec, target in pairs:
-            n = target.numel()
-            if not n:
-                continue
-            dtype = _torch_dtype(spec.dtype)
-            if dtype == target.dtype and target.device.type == "cpu" and target.is_contiguous():
-                jobs.append((target.data_ptr(), base + spec.offset, spec.byte_size))
-            else:
-                src = torch.frombuffer(mm, dtype=dtype, count=n, offset=spec.offset)
-                target.copy_(src.view(target.shape))
-                del src
-    _memmove_all(jobs, threads)
-
-
 async def load_into(client, target, version: int | None = None, *, names: list[str] | None = None,
                     transport: str = "auto", name_map: NameMap | None = None, strict: bool = True,
                     chunk_bytes: int = 0, threads: int = 2, timeout: float | None = None) -> common_pb2.WeightVersion:
@@ -619,7 +436,8 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
             try:
                 pairs = _match(header.manifest, targets, name_map, strict, bool(names))
                 if os.path.exists(os.path.join(SHM_DIR, header.segment_name)):
-                    await asyncio.to_thread(_copy_from_segment, header.segment_name, pairs, threads)
+                    parts = [(spec.offset, spec.byte_size, _torch_dtype(spec.dtype), t) for spec, t in pairs]
+                    await asyncio.to_thread(weights_shm.copy_from_segment, header.segment_name, parts, threads)
                     return header.version
             finally:
                 await client.release_lease(lease_id=header.lease_id)
@@ -646,15 +464,15 @@ class _Router:
         self.i = 0
 
     def feed(self, pos: int, data: memoryview) -> None:
-        end = pos + len(data)
-        with warnings.catch_warnings():
+        end, base = pos + len(data), buffer_address(data) if len(data) else 0  # one address per message
+        with warnings.catch_warnings():  # torch.frombuffer of the read-only message (casts, CUDA)
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             while self.i < len(self.writers):
                 writer = self.writers[self.i]
                 spec = writer.spec
                 lo, hi = max(pos, spec.offset), min(end, spec.offset + spec.byte_size)
                 if lo < hi:
-                    writer.write(lo - spec.offset, data[lo - pos:hi - pos])
+                    writer.write(lo - spec.offset, data[lo - pos:hi - pos], base + lo - pos)
                 if spec.offset + spec.byte_size > end:
                     return
                 writer.finish()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import ServiceProcess
 
-from forgerpc.clients import ForgeRPCError, WeightStoreClient, weights
+from forgerpc.clients import ForgeRPCError, WeightStoreClient, weights_shm
 from forgerpc.clients.weights import _plan, load_into, publish
 from forgerpc.v1 import common_pb2, weight_store_pb2 as pb
 from test_weight_store import flat_bytes, state_dict, zeros_like
@@ -58,29 +58,29 @@ async def listed(store) -> list[int]:
     return [m.version for m in (await store.list_versions()).versions]
 
 
-@pytest.mark.parametrize("report_bytes", [1, weights._REPORT_BYTES], ids=["per-tensor", "default"])
+@pytest.mark.parametrize("report_bytes", [1, weights_shm._REPORT_BYTES], ids=["per-tensor", "default"])
 async def test_sdk_shm_publish_catches_a_byte_changed_after_the_client_hashed_it(store, monkeypatch, report_bytes):
     """A second writer flips one byte of a tensor between the client's hash and its report."""
     v, sd = next(_versions), state_dict(7)
     victim = "model.layers.0.mlp.up_proj.weight"
-    monkeypatch.setattr(weights, "_REPORT_BYTES", report_bytes)
-    fill = weights._fill_segment
+    monkeypatch.setattr(weights_shm, "_REPORT_BYTES", report_bytes)
+    fill = weights_shm.fill_segment
 
     def corrupting(name, items, manifest, threads, report, stop):
         def report_after_corrupting(done):
             for i, _ in done:
                 if manifest.tensors[i].name == victim:
-                    weights._UPLOAD_MAPPINGS.get(name)[manifest.tensors[i].offset + 5] ^= 0x40
+                    weights_shm._UPLOAD_MAPPINGS.get(name)[manifest.tensors[i].offset + 5] ^= 0x40
             report(done)
         return fill(name, items, manifest, threads, report_after_corrupting, stop)
 
-    monkeypatch.setattr(weights, "_fill_segment", corrupting)
+    monkeypatch.setattr(weights_shm, "fill_segment", corrupting)
     with pytest.raises(ForgeRPCError) as e:
         await publish(store, sd, v, transport="shm")
     assert e.value.code == grpc.StatusCode.DATA_LOSS and e.value.reason == "CHECKSUM_MISMATCH"
     assert e.value.details["tensor"] == victim
     assert v not in await listed(store)
-    monkeypatch.setattr(weights, "_fill_segment", fill)
+    monkeypatch.setattr(weights_shm, "fill_segment", fill)
     await publish(store, sd, v, transport="shm")  # the number is free again; intact bytes pass
     got = zeros_like(sd)
     await load_into(store, got, v, transport="shm")
@@ -161,7 +161,7 @@ async def test_a_cancelled_shm_publish_stops_its_copy_and_leaves_nothing(store, 
         stop.wait(30)  # a copy that only ends when told to
         quit_.set()
 
-    monkeypatch.setattr(weights, "_fill_segment", endless_copy)
+    monkeypatch.setattr(weights_shm, "fill_segment", endless_copy)
     task = asyncio.create_task(publish(store, sd, v, transport="shm"))
     assert await asyncio.to_thread(started.wait, 10)
     await asyncio.sleep(0.3)  # the store holds the upload by now

@@ -1,4 +1,5 @@
-"""SDK side of the weight store: kept segment mappings, memory of a gRPC load, odd targets.
+"""SDK side of the weight store: kept segment mappings, memory of a gRPC load, odd targets,
+filling an upload segment (copy + checksum) across block boundaries, threads and casts.
 
 One store per test (its own segment prefix, retain_versions=1), as in an RL loop that publishes
 every step: the store hands the segment of the version before last out again for the next one.
@@ -7,15 +8,17 @@ every step: the store hands the segment of the version before last out again for
 from __future__ import annotations
 
 import os
+import threading
 import tracemalloc
 
 import pytest
 import torch
+import xxhash
 from conftest import ServiceProcess
 
 from forgerpc.clients import WeightStoreClient
-from forgerpc.clients import weights
-from forgerpc.clients.weights import host_id, load_into, publish
+from forgerpc.clients import weights, weights_shm
+from forgerpc.clients.weights import _plan, host_id, load_into, publish
 from forgerpc.services.weight_store.backends.shm import reclaim_orphans
 from forgerpc.v1 import weight_store_pb2 as pb
 
@@ -58,13 +61,13 @@ async def test_a_kept_mapping_of_a_recycled_segment_shows_the_new_version(store)
         await publish(client, state(1), 1)
         await load_into(client, got, 1)
         first = await segment_of(client, 1)
-        kept = weights._READ_MAPPINGS.entries[first][1]
+        kept = weights_shm._READ_MAPPINGS.entries[first][1]
         await publish(client, state(2), 2)  # retires version 1: its segment becomes a spare
         await publish(client, state(3), 3)  # ...and is refilled with version 3
         assert await segment_of(client, 3) == first
-        assert first in weights._UPLOAD_MAPPINGS.entries  # the publisher refilled its kept mapping too
+        assert first in weights_shm._UPLOAD_MAPPINGS.entries  # the publisher refilled its kept mapping too
         await load_into(client, got, 3)
-        assert weights._READ_MAPPINGS.entries[first][1] is kept  # the same mapping, not a new one
+        assert weights_shm._READ_MAPPINGS.entries[first][1] is kept  # the same mapping, not a new one
         assert all(torch.equal(got[k], v) for k, v in state(3).items())  # version 3's bytes, not 1's
 
 
@@ -78,8 +81,8 @@ async def test_a_mapping_whose_segment_was_unlinked_is_dropped(store):
         assert not os.path.exists(f"/dev/shm/{first}")
         await load_into(client, got, 2)
         second = await segment_of(client, 2)
-        assert list(weights._READ_MAPPINGS.entries) == [second]  # no mapping pins the dead segment
-        assert first not in weights._UPLOAD_MAPPINGS.entries
+        assert list(weights_shm._READ_MAPPINGS.entries) == [second]  # no mapping pins the dead segment
+        assert first not in weights_shm._UPLOAD_MAPPINGS.entries
         assert all(torch.equal(got[k], v) for k, v in state(2).items())
 
 
@@ -109,3 +112,90 @@ async def test_a_grpc_load_holds_one_message_at_a_time(store):
             tracemalloc.stop()
         assert peak < 2.5 * (1 << 20), f"{peak / 2**20:.2f} MiB"  # a second held message makes it ~3
         assert all(torch.equal(got[k], v) for k, v in src.items())
+
+
+# -- filling an upload segment (weights_shm.fill_segment), no store needed ------------------------
+def odd_state() -> dict[str, torch.Tensor]:
+    """Sizes on and around the 256 KiB copy block and the 1 MiB cast block, odd element counts,
+    an empty tensor, a non-contiguous source and a 0-d tensor."""
+    g = torch.Generator().manual_seed(5)
+    block = weights_shm._BLOCK
+    out = {
+        "exact_block": torch.randn(block // 4, generator=g),  # fp32: exactly one block
+        "block_plus_one": torch.randint(0, 255, (block + 1,), dtype=torch.uint8, generator=g),
+        "two_blocks_minus_one": torch.randint(0, 255, (2 * block - 1,), dtype=torch.uint8, generator=g),
+        "empty": torch.zeros(0, 7),
+        "odd_bf16": torch.randn(3, 333_333, generator=g).bfloat16(),  # 2 MB, not a block multiple
+        "transposed": torch.randn(257, 129, generator=g).t(),  # non-contiguous source
+        "scalar": torch.tensor(3.5),
+        "int64": torch.arange(12345),
+    }
+    return out
+
+
+def fill(state: dict, dtype, threads: int, report_bytes: int, monkeypatch) -> tuple[bytes, dict[int, int], list]:
+    """Runs fill_segment into a fresh segment; returns its bytes, the reported digests, the reports."""
+    monkeypatch.setattr(weights_shm, "_REPORT_BYTES", report_bytes)
+    items, manifest = _plan(state, None, dtype)
+    name = f"wsclient-fill-{os.getpid()}"
+    with open(f"/dev/shm/{name}", "wb") as f:
+        f.truncate(manifest.total_bytes)
+    reports: list[list[tuple[int, int]]] = []
+    try:
+        weights_shm.fill_segment(name, items, manifest, threads, reports.append, threading.Event())
+        with open(f"/dev/shm/{name}", "rb") as f:
+            data = f.read()
+    finally:
+        weights.forget_segments()
+        os.unlink(f"/dev/shm/{name}")
+    return data, manifest, reports
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["same-dtype", "cast-to-bf16"])
+def test_fill_segment_copies_and_hashes_every_tensor(monkeypatch, threads, dtype):
+    """Each tensor's bytes land at its offset, and each reported digest is the xxh3_64 of exactly
+    those bytes (the store recomputes it), whatever the block boundaries, threads and casts."""
+    state = odd_state()
+    data, manifest, reports = fill(state, dtype, threads, 1 << 20, monkeypatch)
+    digests = dict(pair for report in reports for pair in report)
+    assert sorted(digests) == list(range(len(manifest.tensors)))  # every tensor reported once
+    assert sum(len(r) for r in reports) == len(manifest.tensors)
+    for i, (spec, (name, tensor)) in enumerate(zip(manifest.tensors, state.items())):
+        expected = tensor.to(dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype)
+        raw = data[spec.offset:spec.offset + spec.byte_size]
+        assert raw == expected.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), name
+        assert digests[i] == xxhash.xxh3_64_intdigest(raw), name
+
+
+def test_fill_segment_reports_in_batches_of_report_bytes(monkeypatch):
+    """One report per ~_REPORT_BYTES finished (each batch reaches it, except the last)."""
+    state = {f"t{i}": torch.zeros(1000, dtype=torch.uint8) for i in range(10)}
+    _, manifest, reports = fill(state, None, 1, 2500, monkeypatch)
+    assert [[i for i, _ in r] for r in reports] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+def test_balance_splits_by_bytes_in_buffer_order():
+    parts = weights_shm._balance([100, 10, 10, 10, 50, 30], 2)
+    assert parts == [[0], [1, 2, 3, 4, 5]]  # 100 vs 110: each list in index order
+    assert weights_shm._balance([5, 5, 5], 4) == [[0], [1], [2]]  # no empty lists
+    assert weights_shm._balance([], 2) == []
+
+
+def test_fill_segment_stops_when_told(monkeypatch):
+    """A Put abandoned before the copy starts: no tensor is copied or reported."""
+    monkeypatch.setattr(weights_shm, "_REPORT_BYTES", 1)
+    items, manifest = _plan(odd_state(), None, None)
+    name = f"wsclient-stop-{os.getpid()}"
+    with open(f"/dev/shm/{name}", "wb") as f:
+        f.truncate(manifest.total_bytes)
+    stop, reports = threading.Event(), []
+    stop.set()
+    try:
+        weights_shm.fill_segment(name, items, manifest, 2, reports.append, stop)
+        with open(f"/dev/shm/{name}", "rb") as f:
+            assert f.read() == bytes(manifest.total_bytes)  # nothing written
+    finally:
+        weights.forget_segments()
+        os.unlink(f"/dev/shm/{name}")
+    assert reports == []

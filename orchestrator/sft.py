@@ -13,6 +13,7 @@ model also learns where to stop.
 
 from __future__ import annotations
 
+import logging
 import math
 import pathlib
 import random
@@ -22,6 +23,8 @@ from forgerpc.orchestrator.config import SFTConfig
 from forgerpc.orchestrator.loop import Metrics, Position, Services, checkpoint, evaluate, publish
 from forgerpc.orchestrator.tasks import TaskSet
 from forgerpc.v1 import common_pb2, trainer_pb2
+
+log = logging.getLogger("forgerpc.sft")
 
 
 def sft_lr(step: int, cfg: SFTConfig) -> float:
@@ -104,6 +107,12 @@ class SFT:
                                                                 done=warm))
             if warm:
                 break  # warm enough: RL takes it from here
+        else:
+            if self.cfg.until_accuracy and self.start.step < self.cfg.steps:
+                # Not an error (the run goes on), but GRPO from here may see almost no reward signal.
+                log.warning("SFT ran all sft.steps=%d without reaching sft.until_accuracy=%.2f (training-prompt "
+                            "accuracy %.3f): GRPO starts from a weaker policy; raise sft.steps to give it longer",
+                            self.cfg.steps, self.cfg.until_accuracy, row.get("train_accuracy", 0.0))
         after = await evaluate(self.s, self.metrics, *self.eval_args) if self.cfg.steps else before
         self.metrics.close()
         return {"sft_eval_before": before, "sft_eval_after": after, "version": self.version}

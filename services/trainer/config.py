@@ -41,14 +41,14 @@ class LossConfig(Config):
     # where "off" rose to 0.645 by step 400 (bench/README.md, 2026-11-27).
     tis: Literal["auto", "on", "off"] = "off"
     tis_cap: float = Field(default=2.0, gt=0)
+    # Advantages for episodes without has_advantage: group-relative over equal group_id in the batch.
+    normalize_std: bool = True  # False = Dr.GRPO advantages
 
     @field_validator("tis", mode="before")
     @classmethod
     def _yaml_booleans(cls, v):
         # YAML 1.1 reads a bare `on`/`off` as a boolean: `tis: off` must mean "off", not a type error.
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-    # Advantages for episodes without has_advantage: group-relative over equal group_id in the batch.
-    normalize_std: bool = True  # False = Dr.GRPO advantages
 
 
 class OptimConfig(Config):

@@ -57,6 +57,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--minibatches", type=int, default=1, help="optimizer steps per generated batch")
+    ap.add_argument("--replay-failed", type=float, default=0.0,
+                    help="probability of drawing a prompt from the pool of recent prompts with a failed sample")
+    ap.add_argument("--kept-mean", action="store_true", help="average the loss over nonzero-advantage episodes")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of CONFIG, e.g. grpo.prompts_per_step=8")
     args = ap.parse_args()
 
     import pipeline
@@ -69,7 +74,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    cfg = load_config(RunConfig, args.config)
+    cfg = load_config(RunConfig, args.config, args.overrides)
     g = cfg.grpo
     with tempfile.TemporaryDirectory() as tmp:
         model, tok = pipeline.bare_model(cfg, tmp)
@@ -94,15 +99,21 @@ def main() -> None:
     rng = random.Random(args.seed)
     rows = [{"step": 0, "eval_accuracy": greedy_accuracy(model, tok, task.eval_set, g.max_tokens), "seconds": 0.0}]
     print(json.dumps(rows[-1]), flush=True)
-    started, rewards = time.perf_counter(), []
+    started, rewards, pool = time.perf_counter(), [], []
     for step in range(1, args.steps + 1):
-        examples = [task.sample_train(rng) for _ in range(g.prompts_per_step)]
+        examples = [pool.pop(rng.randrange(len(pool))) if pool and rng.random() < args.replay_failed
+                    else task.sample_train(rng) for _ in range(g.prompts_per_step)]
         targets = [e.target.strip() for e in examples for _ in range(g.group_size)]
         out = pipeline.bare_grpo_step(
             model, tok, optimizer, [e.prompt for e in examples], g.group_size, g.temperature, g.max_tokens, clip,
-            g.std_normalize, lambda texts: [float(t.strip() == y) for t, y in zip(texts, targets)])
+            g.std_normalize, lambda texts: [float(t.strip() == y) for t, y in zip(texts, targets)],
+            minibatches=args.minibatches, kept_mean=args.kept_mean)
         schedule.step()
         rewards.append(statistics.fmean(out["rewards"]))
+        for i, e in enumerate(examples):  # a prompt with a failed sample may be drawn again
+            if min(out["rewards"][i * g.group_size:(i + 1) * g.group_size]) < 1.0:
+                pool.append(e)
+        del pool[:-2048]
         if step % args.eval_every == 0 or step == args.steps:
             rows.append({"step": step, "eval_accuracy": greedy_accuracy(model, tok, task.eval_set, g.max_tokens),
                          "reward_mean": round(statistics.fmean(rewards[-args.eval_every:]), 3),

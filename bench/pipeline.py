@@ -315,11 +315,14 @@ def part_staleness(args, work: pathlib.Path, batch: int) -> dict:
 
 
 def bare_grpo_step(model, tok, optimizer, prompts: list[str], group: int, temperature: float, max_tokens: int,
-                   clip: float, std_normalize: bool, score) -> dict:
+                   clip: float, std_normalize: bool, score, minibatches: int = 1, kept_mean: bool = False) -> dict:
     """One on-policy GRPO step in this process (no services, no RPC, no Redis): HF `generate` of
     prompts x group (sampled, logprobs from the scores), `score(texts) -> rewards` (one per response),
     group advantages, the trainer's own `grpo_loss` over the nonzero-advantage episodes (as the
-    trainer), AdamW, grad clipping. `tok.padding_side` must be "left". Returns timings and rewards."""
+    trainer), AdamW, grad clipping. `tok.padding_side` must be "left". Returns timings and rewards.
+    Experiments: `minibatches` > 1 splits the trained episodes into that many optimizer steps (PPO
+    ratio against the sampling policy, clipped); `kept_mean` averages the loss over the
+    nonzero-advantage episodes instead of all of them (seq_mean's G = kept episodes)."""
     import torch
 
     from forgerpc.orchestrator.grpo import group_advantages
@@ -344,15 +347,19 @@ def bare_grpo_step(model, tok, optimizer, prompts: list[str], group: int, temper
                         for a in group_advantages(rewards[i:i + group], std_normalize)])
     t1 = time.perf_counter()
     keep = adv.nonzero().flatten()  # as the trainer: zero-advantage episodes carry no gradient
-    if len(keep):  # else nothing to learn from this batch (e.g. a random model that emits no digit)
-        model.train()  # train: one step on the batch just generated (on-policy, like max_staleness 0)
-        attn = torch.cat([enc["attention_mask"].repeat_interleave(group, 0), mask.long()], 1)[keep]
+    model.train()  # train on the batch just generated (on-policy, like max_staleness 0)
+    attn_all = torch.cat([enc["attention_mask"].repeat_interleave(group, 0), mask.long()], 1)
+    old_all = old.nan_to_num(0.0, neginf=0.0) * mask
+    for part in keep[torch.randperm(len(keep))].chunk(minibatches) if minibatches > 1 else [keep]:
+        if not len(part):  # nothing to learn from this batch (e.g. a random model that emits no digit)
+            continue
+        attn = attn_all[part]
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=out.sequences[keep], attention_mask=attn, position_ids=positions,
+        logits = model(input_ids=out.sequences[part], attention_mask=attn, position_ids=positions,
                        logits_to_keep=response.shape[1] + 1).logits
-        logp, _ = losses.token_logprobs_and_entropy(logits[:, :-1], response[keep])
-        loss = losses.grpo_loss(logp, (old.nan_to_num(0.0, neginf=0.0) * mask)[keep], adv[keep], mask[keep], clip=clip,
-                                num_sequences=len(adv)).loss
+        logp, _ = losses.token_logprobs_and_entropy(logits[:, :-1], response[part])
+        loss = losses.grpo_loss(logp, old_all[part], adv[part], mask[part], clip=clip,
+                                num_sequences=len(part) if kept_mean else len(adv) / minibatches).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

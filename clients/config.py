@@ -9,6 +9,7 @@ config fails at start-up instead of at the first request. Services and the orche
 from __future__ import annotations
 
 import pathlib
+import re
 import typing
 from typing import Any, Iterable, TypeVar
 
@@ -89,6 +90,23 @@ def validate(model: type[T], data: dict, source: str = "config") -> T:
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false (any case) are booleans, so
+    `tis: off` or `mode: on` reach the model as the words. Boolean fields still accept on/off/yes/no
+    (pydantic parses those strings)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(model: type[T], path: str | pathlib.Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Loads `path` (YAML; optional), applies dotted `key=value` overrides, and validates.
 
@@ -103,7 +121,7 @@ def load_config(model: type[T], path: str | pathlib.Path | None = None, override
             raise ConfigError(f"config file not found: {path}")
         source = f"config {path}"
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -116,7 +134,7 @@ def load_config(model: type[T], path: str | pathlib.Path | None = None, override
     for item in overrides:
         key, _, raw = item.partition("=")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = _yaml(raw) if raw else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': value is not valid YAML: {e}") from None
         try:

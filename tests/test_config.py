@@ -68,3 +68,22 @@ def test_yaml_on_off_mean_the_words_for_tis():
     assert load_config(TrainerConfig, None, ["loss.tis=on"]).loss.tis == "on"
     with pytest.raises(ConfigError, match="loss.tis"):
         load_config(TrainerConfig, None, ["loss.tis=sometimes"])
+
+
+def test_yaml_12_booleans_from_files_and_overrides(tmp_path):
+    # Only true/false are booleans (YAML 1.2): on/off/yes/no stay words for string fields, while
+    # boolean fields still accept them (pydantic parses the strings).
+    from forgerpc.clients.config import Config
+
+    class Knobs(Config):
+        word: str = ""
+        answer: str = ""
+        flag: bool = False
+        other: bool = True
+
+    path = tmp_path / "knobs.yaml"
+    path.write_text("word: off\nanswer: no\nflag: on\nother: False\n")
+    knobs = load_config(Knobs, path)
+    assert (knobs.word, knobs.answer, knobs.flag, knobs.other) == ("off", "no", True, False)
+    assert load_config(Knobs, path, ["word=yes", "other=TRUE"]).model_dump() == {
+        "word": "yes", "answer": "no", "flag": True, "other": True}

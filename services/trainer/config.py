@@ -47,7 +47,8 @@ class LossConfig(Config):
     @field_validator("tis", mode="before")
     @classmethod
     def _yaml_booleans(cls, v):
-        # YAML 1.1 reads a bare `on`/`off` as a boolean: `tis: off` must mean "off", not a type error.
+        # load_config reads YAML 1.2 booleans (`tis: off` is the word), but a YAML 1.1 reader
+        # (PyYAML's safe_load, Helm) turns a bare on/off into a boolean: it must still mean "off".
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 

@@ -119,7 +119,7 @@ class SFTConfig(Config):
     # Stop early once greedy accuracy on `check_size` TRAINING prompts (a fixed sample, never the
     # held-out eval split) reaches this, checked every eval_every steps; 0 = always run `steps`.
     # The tiny model's breakthrough to exact sums comes at a seed-dependent step
-    # (~800-1900 steps, bench/README.md).
+    # (~600-2800 steps, bench/README.md).
     until_accuracy: float = Field(default=0.0, ge=0, le=1)
     check_size: int = Field(default=200, ge=1)
 

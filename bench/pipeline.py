@@ -357,7 +357,7 @@ def bare_grpo_step(model, tok, optimizer, prompts: list[str], group: int, temper
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=out.sequences[part], attention_mask=attn, position_ids=positions,
                        logits_to_keep=response.shape[1] + 1).logits
-        logp, _ = losses.token_logprobs_and_entropy(logits[:, :-1], response[part])
+        logp, _ = losses.token_logprobs_and_entropy(logits[:, :-1], response[part], temperature)
         loss = losses.grpo_loss(logp, old_all[part], adv[part], mask[part], clip=clip,
                                 num_sequences=len(part) if kept_mean else len(adv) / minibatches).loss
         optimizer.zero_grad(set_to_none=True)

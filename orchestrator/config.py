@@ -150,3 +150,18 @@ class RunConfig(StackConfig):
     task: TaskConfig = TaskConfig()
     sft: SFTConfig = SFTConfig()
     grpo: GRPOConfig = GRPOConfig()
+
+    @model_validator(mode="after")
+    def _trainer_knows_the_sampling_temperature(self):
+        # The generator's logprobs are those of log_softmax(logits / T); a trainer computing T = 1
+        # logprobs would take a biased PPO ratio. Checked when this config starts the trainer.
+        spec = self.services.get("trainer")
+        if self.app != "grpo" or spec is None or spec.address is not None or self.grpo.temperature == 0:
+            return self
+        loss = spec.config.get("loss") or {}
+        trainer_t = loss.get("temperature", 1.0) if isinstance(loss, dict) else 1.0
+        if abs(float(trainer_t) - self.grpo.temperature) > 1e-6:
+            raise ValueError(f"key 'grpo.temperature': {self.grpo.temperature} differs from "
+                             f"services.trainer.config.loss.temperature ({trainer_t}); set both to the "
+                             "sampling temperature so that the trainer's logprobs match the generator's")
+        return self

@@ -87,3 +87,16 @@ def test_yaml_12_booleans_from_files_and_overrides(tmp_path):
     assert (knobs.word, knobs.answer, knobs.flag, knobs.other) == ("off", "no", True, False)
     assert load_config(Knobs, path, ["word=yes", "other=TRUE"]).model_dump() == {
         "word": "yes", "answer": "no", "flag": True, "other": True}
+
+
+def test_grpo_temperature_must_match_the_trainers():
+    # The generator reports log_softmax(logits / T); a trainer at T = 1 would bias the PPO ratio.
+    from forgerpc.orchestrator.config import RunConfig
+
+    tiny = ROOT / "configs/grpo_tiny.yaml"
+    with pytest.raises(ConfigError, match="grpo.temperature"):
+        load_config(RunConfig, tiny, ["grpo.temperature=0.7"])
+    cfg = load_config(RunConfig, tiny, ["grpo.temperature=0.7", "services.trainer.config.loss.temperature=0.7"])
+    assert cfg.grpo.temperature == 0.7
+    # a trainer reached by address has its own config: nothing to compare here
+    assert load_config(RunConfig, tiny, ["grpo.temperature=0.7", "services.trainer.address=127.0.0.1:1"])

@@ -111,6 +111,10 @@ def test_token_logprobs_and_entropy():
     logp, ent = losses.token_logprobs_and_entropy(logits, torch.tensor([[0, 1]]))
     assert torch.allclose(logp, torch.tensor([[L(0.5), L(0.75)]]), atol=1e-6)
     assert torch.allclose(ent, torch.tensor([[L(2.0), -(0.25 * L(0.25) + 0.75 * L(0.75))]]), atol=1e-6)
+    # at T = 0.5 the logits double: [0, 2 ln 3] -> probabilities 1/10, 9/10
+    logp, ent = losses.token_logprobs_and_entropy(logits, torch.tensor([[0, 1]]), temperature=0.5)
+    assert torch.allclose(logp, torch.tensor([[L(0.5), L(0.9)]]), atol=1e-6)
+    assert torch.allclose(ent[0, 1], torch.tensor(-(0.1 * L(0.1) + 0.9 * L(0.9))), atol=1e-6)
 
 
 @pytest.mark.parametrize("fn", ["grpo", "dapo", "dr_grpo", "gspo"])

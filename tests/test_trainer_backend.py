@@ -64,6 +64,21 @@ def test_ratio_uses_generator_logprobs(model_dir):
     assert r.step == 1 and r.learning_rate == pytest.approx(1e-3)
 
 
+def test_policy_logprobs_are_taken_at_the_sampling_temperature(model_dir):
+    """Episodes whose generator logprobs are the model's own at T = 0.5 (what a generator sampling at
+    0.5 reports): with loss.temperature 0.5 the PPO ratio is 1 and nothing is clipped; read at T = 1
+    the same episodes look off-policy and the clip bites."""
+    b = backend(model_dir)
+    batch = episodes()
+    ids, attn, positions, targets, _, _ = b._batch(batch)
+    with torch.no_grad():
+        logp, _ = b._logprobs(b.model, ids, attn, positions, targets, 0.5)
+    for sample, row in zip(batch, logp):
+        sample.generator_logprobs = row[:len(sample.response)].tolist()
+    assert backend(model_dir, loss={"temperature": 0.5}).train_step(batch).clip_fraction == 0
+    assert backend(model_dir).train_step(batch).clip_fraction > 0
+
+
 def test_non_finite_loss_skips_step_and_keeps_weights(model_dir):
     b = backend(model_dir)
     before = weights(b)

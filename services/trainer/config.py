@@ -41,6 +41,10 @@ class LossConfig(Config):
     # where "off" rose to 0.645 by step 400 (bench/README.md, 2026-11-27).
     tis: Literal["auto", "on", "off"] = "off"
     tis_cap: float = Field(default=2.0, gt=0)
+    # The generator's sampling temperature: policy-gradient logprobs are log_softmax(logits / T), the
+    # distribution the episodes were sampled from (the generator's logprobs are of that one too), so
+    # the PPO ratio is 1 on-policy. SFT ignores it. A GRPO run checks it against grpo.temperature.
+    temperature: float = Field(default=1.0, gt=0)
     # Advantages for episodes without has_advantage: group-relative over equal group_id in the batch.
     normalize_std: bool = True  # False = Dr.GRPO advantages
 

@@ -48,19 +48,24 @@ class LossOutput:
     tokens: torch.Tensor
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and the entropy of each position's distribution.
+def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and the entropy of each position's distribution, at sampling temperature T.
 
-    logp_t = logits_t[y_t] - logsumexp(logits_t);  H_t = logsumexp(logits_t) - sum_v softmax(logits_t)_v logits_t,v
+    z_t = logits_t / T;  logp_t = z_t[y_t] - logsumexp(z_t);  H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_t,v
+
+    The PPO ratio compares these with the generator's logprobs, which are those of the distribution
+    it sampled from, log_softmax(logits / T): the two must use the same T.
 
     Args:
         logits: (B, T, V) float.
         targets: (B, T) long.
+        temperature: T > 0.
 
     Returns:
         (logprobs (B, T) with gradient, entropy (B, T) detached).
     """
-    logits = logits.float()
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     with torch.no_grad():

@@ -251,11 +251,11 @@ class TitanBackend(TorchBackend):
         d = self.device
         return tokens.to(d), rows.to(d), positions.to(d), targets.to(d), gen.to(d), mask.to(d)
 
-    def _logprobs(self, model, tokens, rows, positions, targets):
-        """Per-token logprobs and entropies (b, R) of `targets` from one packed forward."""
+    def _logprobs(self, model, tokens, rows, positions, targets, temperature: float = 1.0):
+        """Per-token logprobs and entropies (b, R) of `targets` from one packed forward, at `temperature`."""
         with self._autocast():
             logits = model(tokens, positions, attention_masks=model.get_attention_masks(positions))
-        return losses.token_logprobs_and_entropy(logits[0][rows], targets)
+        return losses.token_logprobs_and_entropy(logits[0][rows], targets, temperature)
 
     def packed_logprobs(self, ids, positions, targets):
         """(logprobs, entropy) (rows, L - 1) of SFT's packed rows (packing.py): titan's document mask

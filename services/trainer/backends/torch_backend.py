@@ -247,12 +247,12 @@ class TorchBackend:
         d = self.device
         return ids.to(d), attn.to(d), positions.to(d), ids[:, P:].to(d), gen.to(d), mask.to(d)
 
-    def _logprobs(self, model, ids, attn, positions, targets):
+    def _logprobs(self, model, ids, attn, positions, targets, temperature: float = 1.0):
         R = targets.shape[1]
         with self._autocast():
             # Logits at columns P-1 .. P+R-2 predict the R response tokens.
             logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=R + 1).logits
-        return losses.token_logprobs_and_entropy(logits[:, :-1], targets)
+        return losses.token_logprobs_and_entropy(logits[:, :-1], targets, temperature)
 
     def _autocast(self):
         """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
@@ -277,7 +277,8 @@ class TorchBackend:
 
     def _micro_batch(self, chunk: list[Sample], adv: torch.Tensor, objective: str, counts: dict):
         ids, attn, positions, targets, gen, mask = self._batch(chunk)
-        logp, entropy = self._logprobs(self.model, ids, attn, positions, targets)
+        temperature = 1.0 if objective == "sft" else self.cfg.loss.temperature
+        logp, entropy = self._logprobs(self.model, ids, attn, positions, targets, temperature)
         entropy_sum = (entropy * mask).sum()
         if objective == "sft":
             return losses.sft_loss(logp, mask, num_tokens=counts["num_tokens"]), entropy_sum
@@ -285,7 +286,7 @@ class TorchBackend:
         kw = dict(num_sequences=counts["num_sequences"], num_tokens=counts["num_tokens"])
         if self.ref_model is not None:
             with torch.no_grad():
-                kw["ref_logprobs"], _ = self._logprobs(self.ref_model, ids, attn, positions, targets)
+                kw["ref_logprobs"], _ = self._logprobs(self.ref_model, ids, attn, positions, targets, temperature)
             kw["beta"] = lc.beta
         old = gen
         stale = torch.tensor([[s.policy_version < self.policy_version] for s in chunk], device=self.device)

@@ -50,17 +50,17 @@ class LossOutput:
 
 def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and the entropy of each position's distribution, at sampling temperature T.
+    """log p(target) and the entropy of each position's distribution, at sampling temperature tau.
 
-    z_t = logits_t / T;  logp_t = z_t[y_t] - logsumexp(z_t);  H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_t,v
+    z_t = logits_t / tau;  logp_t = z_t[y_t] - logsumexp(z_t);  H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_t,v
 
     The PPO ratio compares these with the generator's logprobs, which are those of the distribution
-    it sampled from, log_softmax(logits / T): the two must use the same T.
+    it sampled from, log_softmax(logits / tau): the two must use the same tau.
 
     Args:
         logits: (B, T, V) float.
         targets: (B, T) long.
-        temperature: T > 0.
+        temperature: tau > 0 (the sampling temperature).
 
     Returns:
         (logprobs (B, T) with gradient, entropy (B, T) detached).

@@ -30,19 +30,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def greedy_accuracy(model, tok, examples, max_tokens: int, batch: int = 100) -> float:
+def greedy_answers(model, tok, examples, max_tokens: int, batch: int = 100) -> list[str]:
+    """Greedy completions of the examples' prompts, stripped (as the run's own eval reads them)."""
     import torch
 
     model.eval()
-    correct = 0
+    texts = []
     with torch.no_grad():
         for i in range(0, len(examples), batch):
-            chunk = examples[i:i + batch]
-            enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True)
+            enc = tok([e.prompt for e in examples[i:i + batch]], return_tensors="pt", padding=True)
             out = model.generate(**enc, do_sample=False, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
-            texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += sum(t.strip() == e.target.strip() for t, e in zip(texts, chunk))
-    return correct / len(examples)
+            texts += [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return texts
+
+
+def greedy_accuracy(model, tok, examples, max_tokens: int) -> float:
+    answers = greedy_answers(model, tok, examples, max_tokens)
+    return sum(a == e.target.strip() for a, e in zip(answers, examples)) / len(examples)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 Loads configs/grpo_tiny.yaml's model with the checkpoint's model.safetensors (seed S = the run's
 model.seed and task.seed), decodes the held-out split greedily (bench/bare_learning.py's
-`greedy_accuracy` settings), prints the wrong answers, then counts right/wrong by two properties of
+`greedy_answers`), prints the wrong answers, then counts right/wrong by two properties of
 the prompt: the number of carries, and whether the operands have the same number of digits.
 """
 
@@ -39,6 +39,7 @@ def main() -> None:
 
     import pipeline
     import torch
+    from bare_learning import greedy_answers
     from safetensors.torch import load_model as load_safetensors
 
     from forgerpc.clients.config import load_config
@@ -52,22 +53,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, tok = pipeline.bare_model(cfg, tmp)
     load_safetensors(model, str(pathlib.Path(args.checkpoint) / "model.safetensors"))
-    model.eval()
     task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
     examples = task.eval_set
-    enc = tok([e.prompt for e in examples], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**enc, do_sample=False, max_new_tokens=cfg.grpo.max_tokens, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = greedy_answers(model, tok, examples, cfg.grpo.max_tokens)
     by_carries, by_lengths, shown = collections.Counter(), collections.Counter(), 0
     for text, ex in zip(texts, examples):
         a, b = map(int, ex.prompt.rstrip("=").split("+"))
-        ok = text.strip() == ex.target.strip()
+        ok = text == ex.target.strip()
         by_carries[carries(a, b), ok] += 1
         by_lengths[len(str(a)) == len(str(b)), ok] += 1
         if not ok and shown < args.show:
             shown += 1
-            print(f"{ex.prompt}{ex.target}  got {text.strip()!r}")
+            print(f"{ex.prompt}{ex.target}  got {text!r}")
     right = sum(n for (_, ok), n in by_carries.items() if ok)
     print(f"accuracy {right / len(examples):.3f} over {len(examples)} held-out prompts")
     for name, counter in (("carries", by_carries), ("same length", by_lengths)):

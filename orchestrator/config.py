@@ -156,7 +156,7 @@ class RunConfig(StackConfig):
         # The generator's logprobs are those of log_softmax(logits / T); a trainer computing T = 1
         # logprobs would take a biased PPO ratio. Checked when this config starts the trainer.
         spec = self.services.get("trainer")
-        if self.app != "grpo" or spec is None or spec.address is not None or self.grpo.temperature == 0:
+        if self.app != "grpo" or spec is None or spec.addresses() or self.grpo.temperature == 0:
             return self
         loss = spec.config.get("loss") or {}
         trainer_t = loss.get("temperature", 1.0) if isinstance(loss, dict) else 1.0

@@ -60,8 +60,8 @@ def test_groups_per_rollout_must_divide_prompts_per_step():
 
 
 def test_yaml_on_off_mean_the_words_for_tis():
-    # YAML 1.1 reads bare on/off as booleans; `loss.tis=off` must still select "off", and a
-    # genuinely wrong value still names the key.
+    # YAML 1.1 would read bare on/off as booleans; load_config's YAML 1.2 booleans keep
+    # `loss.tis=off` the word "off", and a genuinely wrong value still names the key.
     from forgerpc.services.trainer.config import TrainerConfig
 
     assert load_config(TrainerConfig, None, ["loss.tis=off"]).loss.tis == "off"

@@ -48,13 +48,6 @@ class LossConfig(Config):
     # Advantages for episodes without has_advantage: group-relative over equal group_id in the batch.
     normalize_std: bool = True  # False = Dr.GRPO advantages
 
-    @field_validator("tis", mode="before")
-    @classmethod
-    def _yaml_booleans(cls, v):
-        # load_config reads YAML 1.2 booleans (`tis: off` is the word), but a YAML 1.1 reader
-        # (PyYAML's safe_load, Helm) turns a bare on/off into a boolean: it must still mean "off".
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-
 
 class OptimConfig(Config):
     """AdamW with linear warmup then cosine decay to lr * min_lr_ratio over total_steps."""

@@ -6,7 +6,8 @@
 Loads CONFIG's model (the real loading code) with the checkpoint's weights (a trainer checkpoint's
 model.safetensors, e.g. an SFT warm start of `forgerpc run CONFIG app=sft`), then runs
 bench/pipeline.py's `bare_grpo_step` (HF generate, the trainer's own grpo_loss, AdamW) with CONFIG's
-task, group size, prompts per step, temperature and the exact-match reward, and evaluates the
+task, group size, prompts per step, temperature and reward functions (services.reward.config.functions,
+scored in-process by the reward service's own functions), and evaluates the
 held-out split greedily every --eval-every steps, as the run's own eval does (same split, greedy,
 exact match after stripping). No services, RPC, Redis or staleness: a run of the service loop
 resumed from the same checkpoint (`forgerpc run CONFIG app=grpo --resume RUN_DIR grpo.max_seconds=0`)
@@ -75,6 +76,8 @@ def main() -> None:
     from forgerpc.clients.config import load_config
     from forgerpc.orchestrator.config import RunConfig
     from forgerpc.orchestrator.tasks import make_task
+    from forgerpc.services.reward.functions import FUNCTIONS
+    from forgerpc.v1.reward_pb2 import RewardItem
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -100,6 +103,12 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
     clip = trainer.get("loss", {}).get("clip_low", 0.2)
+    functions = cfg.services["reward"].config.get("functions") or [{"kind": "exact_match"}]
+
+    def score(response: str, target: str) -> float:  # the reward service's weighted sum, in-process
+        item = RewardItem(response=response, target=target)
+        return sum(f.get("weight", 1.0) * FUNCTIONS[f["kind"]](item, **f.get("options", {}))[0] for f in functions)
+
     rng = random.Random(args.seed)
     rows = [{"step": 0, "eval_accuracy": greedy_accuracy(model, tok, task.eval_set, g.max_tokens), "seconds": 0.0}]
     print(json.dumps(rows[-1]), flush=True)
@@ -110,7 +119,7 @@ def main() -> None:
         targets = [e.target.strip() for e in examples for _ in range(g.group_size)]
         out = pipeline.bare_grpo_step(
             model, tok, optimizer, [e.prompt for e in examples], g.group_size, g.temperature, g.max_tokens, clip,
-            g.std_normalize, lambda texts: [float(t.strip() == y) for t, y in zip(texts, targets)],
+            g.std_normalize, lambda texts: [score(t, y) for t, y in zip(texts, targets)],
             minibatches=args.minibatches, kept_mean=args.kept_mean)
         schedule.step()
         rewards.append(statistics.fmean(out["rewards"]))

@@ -154,10 +154,20 @@ class RunConfig(StackConfig):
     @model_validator(mode="after")
     def _trainer_knows_the_sampling_temperature(self):
         # The generator's logprobs are those of log_softmax(logits / T); a trainer computing T = 1
-        # logprobs would take a biased PPO ratio. Checked when this config starts the trainer.
+        # logprobs would take a biased PPO ratio. When this config starts the trainer, a trainer
+        # config without loss.temperature takes grpo.temperature; one that names another is an error.
         spec = self.services.get("trainer")
         if self.app != "grpo" or spec is None or spec.addresses() or self.grpo.temperature == 0:
             return self
+        loss = spec.config.setdefault("loss", {})
+        if not isinstance(loss, dict):
+            return self  # the trainer's own config check names services.trainer.config.loss
+        trainer_t = loss.setdefault("temperature", self.grpo.temperature)
+        if abs(float(trainer_t) - self.grpo.temperature) > 1e-6:
+            raise ValueError(f"key 'grpo.temperature': {self.grpo.temperature} differs from "
+                             f"services.trainer.config.loss.temperature ({trainer_t}); set both to the "
+                             "sampling temperature so that the trainer's logprobs match the generator's")
+        return self
         loss = spec.config.get("loss") or {}
         trainer_t = loss.get("temperature", 1.0) if isinstance(loss, dict) else 1.0
         if abs(float(trainer_t) - self.grpo.temperature) > 1e-6:

@@ -89,13 +89,16 @@ def test_yaml_12_booleans_from_files_and_overrides(tmp_path):
         "word": "yes", "answer": "no", "flag": True, "other": True}
 
 
-def test_grpo_temperature_must_match_the_trainers():
+def test_grpo_temperature_reaches_the_trainer():
     # The generator reports log_softmax(logits / T); a trainer at T = 1 would bias the PPO ratio.
     from forgerpc.orchestrator.config import RunConfig
 
     tiny = ROOT / "configs/grpo_tiny.yaml"
-    with pytest.raises(ConfigError, match="grpo.temperature"):
-        load_config(RunConfig, tiny, ["grpo.temperature=0.7"])
+    cfg = load_config(RunConfig, tiny, ["grpo.temperature=0.7"])  # the trainer takes it
+    assert cfg.services["trainer"].config["loss"]["temperature"] == 0.7
+    assert cfg.services["trainer"].config["loss"]["kind"] == "grpo"  # the rest of loss is kept
+    with pytest.raises(ConfigError, match="grpo.temperature"):  # an explicit other value is an error
+        load_config(RunConfig, tiny, ["grpo.temperature=0.7", "services.trainer.config.loss.temperature=1.0"])
     cfg = load_config(RunConfig, tiny, ["grpo.temperature=0.7", "services.trainer.config.loss.temperature=0.7"])
     assert cfg.grpo.temperature == 0.7
     # a trainer reached by address has its own config: nothing to compare here

@@ -2,7 +2,7 @@
 
 import pytest
 
-from forgerpc.services.reward.functions import exact_match, format_tags, normalized_match, numeric_match
+from forgerpc.services.reward.functions import char_match, exact_match, format_tags, normalized_match, numeric_match
 from forgerpc.v1.reward_pb2 import RewardItem
 
 
@@ -48,3 +48,16 @@ def test_numeric_match_reasons():
 ])
 def test_format_tags(response, score):
     assert format_tags(item(response))[0] == score
+
+
+@pytest.mark.parametrize("response,target,align,score", [
+    ("956", "956", "right", 1.0), (" 956\n", "956", "right", 1.0),
+    ("957", "956", "right", 2 / 3),   # units digit wrong
+    ("95", "956", "right", 0.0),      # right-aligned: 5 vs 6, 9 vs 5
+    ("95", "956", "left", 2 / 3),
+    ("1956", "956", "right", 3 / 4),  # an extra digit costs its position
+    ("", "956", "right", 0.0), ("", "", "right", 1.0),
+])
+def test_char_match(response, target, align, score):
+    assert char_match(item(response, target), align=align)[0] == pytest.approx(score)
+

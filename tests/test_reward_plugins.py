@@ -141,6 +141,8 @@ def test_config_errors_name_the_key():
         (FunctionConfig(kind="regex_match"), "pattern"),
         (FunctionConfig(kind="math_equiv", options={"tolerance": 1}), "tolerance"),
         (FunctionConfig(kind="python", options={"path": "nope"}), "pkg.module:function"),
+        (FunctionConfig(kind="length_penalty", options={"max_length": 2, "unit": "bytes"}), "unit"),
+        (FunctionConfig(kind="char_match", options={"align": "middle"}), "align"),
     ]
     for f, words in cases:
         with pytest.raises(ConfigError, match="functions.3.options") as err:
@@ -164,9 +166,13 @@ async def test_inline_functions_score_in_a_plain_loop_and_report_errors_per_item
     assert dict(out.scores[1].sub_scores) == {"exact_match": 0.0, "length_penalty": -1.0}
     await servicer.close()
 
-    bad = RewardServicer(RewardConfig(functions=[{"kind": "exact_match"},
-                                                 {"kind": "length_penalty", "options": {"max_length": 2, "unit": "bytes"}}]))
+    # (a bad option value is a config error at start-up: test_config_errors_name_the_key) one that
+    # raises on an item costs that item its score, not the batch
+    bad = RewardServicer(RewardConfig(functions=[{"kind": "exact_match"}, {"kind": "length_penalty",
+                                                                           "options": {"max_length": 2}}]))
+    name, weight, _, mode = bad.functions[1]
+    bad.functions[1] = (name, weight, lambda item: 1 / 0 if item.response else (0.0, ""), mode)
     out = await bad.Evaluate(EvaluateRequest(items=[item("4", "4")]), None)
-    assert out.scores[0].score == 0.0 and out.scores[0].reason.startswith("ERROR: ValueError")
+    assert out.scores[0].score == 0.0 and out.scores[0].reason.startswith("ERROR: ZeroDivisionError")
     assert out.scores[0].sub_scores["exact_match"] == 1.0 and out.scores[0].sub_scores["length_penalty"] == 0.0
     await bad.close()

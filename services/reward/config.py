@@ -2,6 +2,7 @@
 
     functions:
       - {kind: exact_match, weight: 1.0}
+      - {kind: char_match, options: {align: right}}                 # partial credit per character
       - {kind: format_tags, weight: 0.1, options: {tag: answer}}
       - {kind: math_equiv}
       - {kind: regex_match, options: {pattern: "<answer>(.*?)</answer>", compare_target: true}}
@@ -23,7 +24,7 @@ from pydantic import Field
 from forgerpc.clients.config import Config
 from forgerpc.services.common.runtime import ServiceConfig
 
-Kind = Literal["exact_match", "normalized_match", "numeric_match", "format_tags", "regex_match",
+Kind = Literal["exact_match", "normalized_match", "numeric_match", "char_match", "format_tags", "regex_match",
                "length_penalty", "math_equiv", "code_tests", "python", "reward_model", "constant"]
 
 

@@ -66,11 +66,34 @@ def format_tags(item, tag: str = "answer") -> Score:
     return 0.0, f"format_tags: expected one non-empty <{tag}> block, found {len(blocks)}"
 
 
+def char_match(item, align: str = "right") -> Score:
+    """Partial credit: the fraction of aligned characters the response gets right.
+
+        r, t = response.strip(), target.strip()
+        score = #{i < min(|r|, |t|) : r[i] == t[i]} / max(|r|, |t|)       (align="left")
+        score = the same on the reversed strings                         (align="right")
+
+    Right alignment lines numbers up at the units digit, so `957` for `956` scores 2/3 and `95`
+    for `956` scores 0. 1 only for an exact match (as exact_match); an empty response scores 0.
+    """
+    if align not in ("left", "right"):
+        raise ValueError(f"align must be 'left' or 'right', got {align!r}")
+    r, t = item.response.strip(), item.target.strip()
+    if align == "right":
+        r, t = r[::-1], t[::-1]
+    n = max(len(r), len(t))
+    if n == 0:
+        return 1.0, "char_match: both empty"
+    right = sum(a == b for a, b in zip(r, t))
+    return right / n, f"char_match: {right}/{n} characters"
+
+
 FUNCTIONS: dict[str, Callable[..., Score]] = {
     "exact_match": exact_match,
     "normalized_match": normalized_match,
     "numeric_match": numeric_match,
     "format_tags": format_tags,
+    "char_match": char_match,
 }
 
 

@@ -47,6 +47,8 @@ def _build(i: int, f: FunctionConfig, cfg: RewardConfig):
             return RewardModel(**f.options), False
         fn = SYNC[f.kind]
         inspect.signature(fn).bind(None, **f.options)
+        if f.kind in INLINE:  # microseconds: a dry run turns a bad option value into a config error now
+            fn(reward_pb2.RewardItem(), **f.options)
         return functools.partial(fn, **f.options), False
     except (TypeError, ValueError, OSError) as e:
         raise ConfigError(f"key 'functions.{i}.options': {e} for kind {f.kind}") from None
@@ -55,7 +57,8 @@ def _build(i: int, f: FunctionConfig, cfg: RewardConfig):
 # Built-ins whose cost is linear in the text and tiny (microseconds): they run on the event loop.
 # A thread hand-off costs ~50 us per item, more than the function; the per-item timeout cannot
 # interrupt them, which is fine for these (regex_match can backtrack for seconds: it gets a thread).
-INLINE = frozenset({"exact_match", "normalized_match", "numeric_match", "format_tags", "length_penalty", "constant"})
+INLINE = frozenset({"exact_match", "normalized_match", "numeric_match", "char_match", "format_tags", "length_penalty",
+                    "constant"})
 
 
 _TIMEOUT = object()  # a function's outcome when it overran the item's deadline

@@ -43,7 +43,8 @@ class LossConfig(Config):
     tis_cap: float = Field(default=2.0, gt=0)
     # The generator's sampling temperature: policy-gradient logprobs are log_softmax(logits / T), the
     # distribution the episodes were sampled from (the generator's logprobs are of that one too), so
-    # the PPO ratio is 1 on-policy. SFT ignores it. A GRPO run checks it against grpo.temperature.
+    # the PPO ratio is 1 on-policy. SFT ignores it. `forgerpc run` sets it from grpo.temperature when
+    # the trainer config leaves it out, and refuses another value.
     temperature: float = Field(default=1.0, gt=0)
     # Advantages for episodes without has_advantage: group-relative over equal group_id in the batch.
     normalize_std: bool = True  # False = Dr.GRPO advantages

@@ -168,10 +168,3 @@ class RunConfig(StackConfig):
                              f"services.trainer.config.loss.temperature ({trainer_t}); set both to the "
                              "sampling temperature so that the trainer's logprobs match the generator's")
         return self
-        loss = spec.config.get("loss") or {}
-        trainer_t = loss.get("temperature", 1.0) if isinstance(loss, dict) else 1.0
-        if abs(float(trainer_t) - self.grpo.temperature) > 1e-6:
-            raise ValueError(f"key 'grpo.temperature': {self.grpo.temperature} differs from "
-                             f"services.trainer.config.loss.temperature ({trainer_t}); set both to the "
-                             "sampling temperature so that the trainer's logprobs match the generator's")
-        return self

@@ -60,4 +60,3 @@ def test_format_tags(response, score):
 ])
 def test_char_match(response, target, align, score):
     assert char_match(item(response, target), align=align)[0] == pytest.approx(score)
-

@@ -74,7 +74,8 @@ def char_match(item, align: str = "right") -> Score:
         score = the same on the reversed strings                         (align="right")
 
     Right alignment lines numbers up at the units digit, so `957` for `956` scores 2/3 and `95`
-    for `956` scores 0. 1 only for an exact match (as exact_match); an empty response scores 0.
+    for `956` scores 0. 1 only for an exact match (as exact_match); an empty response scores 0
+    (1 if the target is empty too).
     """
     if align not in ("left", "right"):
         raise ValueError(f"align must be 'left' or 'right', got {align!r}")

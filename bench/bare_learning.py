@@ -76,7 +76,8 @@ def main() -> None:
     from forgerpc.clients.config import load_config
     from forgerpc.orchestrator.config import RunConfig
     from forgerpc.orchestrator.tasks import make_task
-    from forgerpc.services.reward.functions import FUNCTIONS
+    from forgerpc.services.reward.config import RewardConfig
+    from forgerpc.services.reward.server import RewardServicer
     from forgerpc.v1.reward_pb2 import RewardItem
 
     torch.manual_seed(args.seed)
@@ -103,11 +104,11 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
     clip = trainer.get("loss", {}).get("clip_low", 0.2)
-    functions = cfg.services["reward"].config.get("functions") or [{"kind": "exact_match"}]
+    reward = RewardServicer(RewardConfig(**cfg.services["reward"].config))  # its functions, built and checked
 
-    def score(response: str, target: str) -> float:  # the reward service's weighted sum, in-process
+    def score(response: str, target: str) -> float:  # the service's weighted sum, in-process (sync functions)
         item = RewardItem(response=response, target=target)
-        return sum(f.get("weight", 1.0) * FUNCTIONS[f["kind"]](item, **f.get("options", {}))[0] for f in functions)
+        return sum(weight * fn(item)[0] for _, weight, fn, _ in reward.functions)
 
     rng = random.Random(args.seed)
     rows = [{"step": 0, "eval_accuracy": greedy_accuracy(model, tok, task.eval_set, g.max_tokens), "seconds": 0.0}]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -271,6 +272,22 @@ def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
     return proc, proc.stdout.readline().strip()
 
 
+@contextlib.contextmanager
+def servers(threads: int):
+    """(store address, raw server address): a weight store keeping the newest version (its freed
+    segment reused) and the raw gRPC reference server, each its own process, stopped on exit."""
+    raw, raw_port = start([sys.executable, __file__, "--raw-server", f"--chunk-bytes={CHUNK}"])
+    store, ready = start([sys.executable, "-m", "forgerpc.services", "serve", "weight_store", "--port", "0",
+                          "retain_versions=1", "spare_segments=1", f"chunk_bytes={CHUNK}",
+                          f"verify_threads={threads}"])
+    try:
+        yield ready.split()[2], f"127.0.0.1:{raw_port}"
+    finally:
+        for p in (store, raw):
+            p.terminate()
+            p.wait(30)
+
+
 async def store_put_get(client, transport: str, src: dict, dst: dict, repeats: int, first_version: int,
                         baseline: int) -> dict:
     """publish + load_into: two cold rounds, then `repeats` timed ones (best times).
@@ -359,12 +376,7 @@ async def main(args) -> None:
     CHUNK, THREADS = args.chunk_bytes, args.threads
     tune_allocator()
     torch.set_num_threads(args.threads)
-    raw, raw_port = start([sys.executable, __file__, "--raw-server", f"--chunk-bytes={CHUNK}"])
-    store, ready = start([sys.executable, "-m", "forgerpc.services", "serve", "weight_store", "--port", "0",
-                          "retain_versions=1", "spare_segments=1", f"chunk_bytes={CHUNK}",
-                          f"verify_threads={args.threads}"])
-    try:
-        store_address = ready.split()[2]
+    with servers(args.threads) as (store_address, raw_address):
         await WeightStoreClient(store_address).wait_ready()
         results = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -373,7 +385,7 @@ async def main(args) -> None:
         for size in args.sizes:
             repeats = args.repeats if size == "135m" else 1
             # Version numbers keep growing across sizes: the store keeps only the newest.
-            results["sizes"][size] = await bench_size(size, store_address, f"127.0.0.1:{raw_port}", repeats,
+            results["sizes"][size] = await bench_size(size, store_address, raw_address, repeats,
                                                       first_version=1000 * (len(results["sizes"]) + 1))
         results["load_average_at_end"] = os.getloadavg()
         if "1.7b" in results["sizes"]:
@@ -383,10 +395,6 @@ async def main(args) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")
-    finally:
-        for p in (store, raw):
-            p.terminate()
-            p.wait(30)
 
 
 if __name__ == "__main__":

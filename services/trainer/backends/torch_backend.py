@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import pathlib
 import time
@@ -54,6 +55,26 @@ class Sample:
     advantage: float | None = None
     group_id: str = ""
     policy_version: int = 0
+
+
+@dataclasses.dataclass
+class SharedPrompts:
+    """A policy-gradient micro-batch of b episodes over u distinct prompts (TrainerConfig.share_prompts).
+
+    prompt_ids, prompt_attn, prompt_positions (u, P): left-padded distinct prompts.
+    index (b,): episode -> its prompt's row.
+    response_ids, response_positions (b, R - 1): responses without their last token, right-padded;
+        positions continue from the episode's real prompt length.
+    attn (b, P + R - 1): the prompt's mask, then the response's.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_attn: torch.Tensor
+    prompt_positions: torch.Tensor
+    index: torch.Tensor
+    response_ids: torch.Tensor
+    attn: torch.Tensor
+    response_positions: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -275,10 +296,70 @@ class TorchBackend:
             logits = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits
         return losses.token_logprobs_and_entropy(logits[:, :-1], targets)
 
+    def _shared_prompts(self, chunk: list[Sample]) -> SharedPrompts | None:
+        """The micro-batch as distinct prompts + responses (see SharedPrompts), or None when sharing
+        would not save a quarter of the tokens: u * P + b * (R - 1) vs b * (P + R) for u distinct
+        prompts among b episodes, P and R the longest prompt and response."""
+        if not self.cfg.share_prompts or self.cfg.activation_checkpointing:
+            return None
+        distinct: dict[tuple[int, ...], int] = {}
+        index = [distinct.setdefault(tuple(s.prompt), len(distinct)) for s in chunk]
+        P = max(len(s.prompt) for s in chunk)
+        R = max(len(s.response) for s in chunk)
+        if 4 * (len(distinct) * P + len(chunk) * (R - 1)) > 3 * len(chunk) * (P + R):
+            return None
+        prompts, p_attn = [], []
+        for prompt in distinct:
+            prompts.append([self.pad_id] * (P - len(prompt)) + list(prompt))
+            p_attn.append([0] * (P - len(prompt)) + [1] * len(prompt))
+        responses, r_attn = [], []
+        for s in chunk:  # inputs: every response token but the last (it predicts nothing trained)
+            r = len(s.response)
+            responses.append(list(s.response[:-1]) + [self.pad_id] * (R - r))
+            r_attn.append([1] * (r - 1) + [0] * (R - r))
+        d = self.device
+        p_attn = torch.tensor(p_attn, dtype=torch.long)
+        index = torch.tensor(index, dtype=torch.long)
+        lengths = p_attn.sum(-1)[index]  # each episode's real prompt length: its first response position
+        return SharedPrompts(
+            prompt_ids=torch.tensor(prompts, dtype=torch.long).to(d), prompt_attn=p_attn.to(d),
+            prompt_positions=(p_attn.cumsum(-1) - 1).clamp(min=0).to(d), index=index.to(d),
+            response_ids=torch.tensor(responses, dtype=torch.long).to(d),
+            attn=torch.cat([p_attn[index], torch.tensor(r_attn, dtype=torch.long)], -1).to(d),
+            response_positions=(lengths[:, None] + torch.arange(R - 1)).to(d))
+
+    def _shared_logprobs(self, model, sp: SharedPrompts, targets, temperature: float = 1.0):
+        """`_logprobs` of the same episodes, each distinct prompt computed once.
+
+        prompts (u, P) -> logits of the last column (u, 1, V) and a KV cache (u, kv_heads, P, d) per
+        layer -> rows picked by `index` (b, ...; index_select, so the gradient of every response sums
+        into its prompt's activations) -> responses (b, R - 1) on that cache -> logits (b, R - 1, V).
+        Column 0 of the result predicts response token 0 (from the prompt's last column), column k
+        token k (from response input k - 1): the same (b, R, V) as the padded path's slice.
+        """
+        with self._autocast():
+            first = model(input_ids=sp.prompt_ids, attention_mask=sp.prompt_attn, position_ids=sp.prompt_positions,
+                          use_cache=True, logits_to_keep=1)
+            logits = first.logits[sp.index]
+            if sp.response_ids.shape[1]:
+                # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns)
+                name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+                cache = getattr(first, name)
+                cache.reorder_cache(sp.index)
+                rest = model(input_ids=sp.response_ids, attention_mask=sp.attn, position_ids=sp.response_positions,
+                             use_cache=True, **{name: cache}).logits
+                logits = torch.cat([logits, rest], dim=1)
+        return losses.token_logprobs_and_entropy(logits, targets, temperature)
+
     def _micro_batch(self, chunk: list[Sample], adv: torch.Tensor, objective: str, counts: dict):
         ids, attn, positions, targets, gen, mask = self._batch(chunk)
         temperature = 1.0 if objective == "sft" else self.cfg.loss.temperature
-        logp, entropy = self._logprobs(self.model, ids, attn, positions, targets, temperature)
+        shared = None if objective == "sft" else self._shared_prompts(chunk)
+        if shared is not None:
+            logprobs = lambda model: self._shared_logprobs(model, shared, targets, temperature)  # noqa: E731
+        else:
+            logprobs = lambda model: self._logprobs(model, ids, attn, positions, targets, temperature)  # noqa: E731
+        logp, entropy = logprobs(self.model)
         entropy_sum = (entropy * mask).sum()
         if objective == "sft":
             return losses.sft_loss(logp, mask, num_tokens=counts["num_tokens"]), entropy_sum
@@ -286,7 +367,7 @@ class TorchBackend:
         kw = dict(num_sequences=counts["num_sequences"], num_tokens=counts["num_tokens"])
         if self.ref_model is not None:
             with torch.no_grad():
-                kw["ref_logprobs"], _ = self._logprobs(self.ref_model, ids, attn, positions, targets, temperature)
+                kw["ref_logprobs"], _ = logprobs(self.ref_model)
             kw["beta"] = lc.beta
         old = gen
         stale = torch.tensor([[s.policy_version < self.policy_version] for s in chunk], device=self.device)

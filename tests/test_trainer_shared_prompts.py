@@ -1,0 +1,100 @@
+"""Shared prompts (TrainerConfig.share_prompts): a GRPO micro-batch that runs each distinct prompt
+once and its responses on the prompt's KV cache gives the padded path's loss, statistics and
+gradients, including with a KL reference model, masked tokens and prompts of different lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forgerpc.services.common.models import load_model, make_tiny_model
+from forgerpc.services.trainer.backends.torch_backend import Sample, TorchBackend
+from forgerpc.services.trainer.config import TrainerConfig
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model_dir(request, tmp_path_factory):
+    # initializer_range 0.1: logits far from uniform, so a wrong position or mask shows in the loss
+    return make_tiny_model(tmp_path_factory.mktemp(request.param), arch=request.param, initializer_range=0.1)
+
+
+def backend(model_dir, **overrides) -> TorchBackend:
+    model, _ = load_model(model_dir, dtype=torch.float32)
+    return TorchBackend(TrainerConfig(**{"micro_batch_size": 64, **overrides}), model)
+
+
+def groups(n_groups: int = 5, n: int = 6, seed: int = 0, max_response: int = 9) -> list[Sample]:
+    """n episodes per prompt; prompts of 1-7 tokens, responses of 1-max_response, rewards 0/1."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n_groups):
+        prompt = torch.randint(4, 90, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+        for i in range(n):
+            r = torch.randint(4, 90, (int(torch.randint(1, max_response + 1, (1,), generator=g)),), generator=g).tolist()
+            mask = [1] * len(r)
+            if i == 2 and len(r) > 1:
+                mask[-1] = 0  # a masked token stays out of both layouts' loss
+            logprobs = (-torch.rand(len(r), generator=g)).tolist()  # off-policy: ratios != 1, some clipped
+            out.append(Sample(prompt=prompt, response=r, generator_logprobs=logprobs, mask=mask,
+                              reward=float(i % 2 == k % 2 or i == 0), group_id=f"g{k}"))
+    return out
+
+
+def step(b: TorchBackend, samples: list[Sample]):
+    b.optimizer.zero_grad(set_to_none=True)
+    totals = b.accumulate_gradients(samples)
+    return totals, {n: p.grad.clone() for n, p in b.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss", [{"kind": "grpo"}, {"kind": "dapo", "beta": 0.05, "temperature": 0.7},
+                                  {"kind": "gspo"}])
+def test_shared_prompts_match_the_padded_batch(model_dir, loss):
+    samples = groups()
+    shared, padded = backend(model_dir, loss=loss), backend(model_dir, loss=loss, share_prompts=False)
+    if loss.get("beta"):  # a reference that differs from the policy, so the KL term is not 0
+        with torch.no_grad():
+            for p in shared.ref_model.parameters():
+                p.mul_(0.9)
+            for p in padded.ref_model.parameters():
+                p.mul_(0.9)
+    assert shared._shared_prompts(samples) is not None
+    assert padded._shared_prompts(samples) is None
+    (loss_s, kl_s, clipped_s, tokens_s, ent_s), grads_s = step(shared, samples)
+    (loss_p, kl_p, clipped_p, tokens_p, ent_p), grads_p = step(padded, samples)
+    assert tokens_s == tokens_p > 0
+    assert loss_s == pytest.approx(loss_p, rel=1e-5, abs=1e-7)
+    assert kl_s == pytest.approx(kl_p, rel=1e-4, abs=1e-7)
+    assert clipped_s == clipped_p
+    assert ent_s == pytest.approx(ent_p, rel=1e-5)
+    if loss.get("beta"):
+        assert kl_p > 0
+    assert grads_s.keys() == grads_p.keys()
+    for name in grads_p:
+        torch.testing.assert_close(grads_s[name], grads_p[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert any(g.abs().max() > 0 for g in grads_p.values())
+
+
+def test_one_token_responses_use_the_prompt_logits_alone(model_dir):
+    samples = groups(max_response=1)
+    shared, padded = backend(model_dir), backend(model_dir, share_prompts=False)
+    assert shared._shared_prompts(samples).response_ids.shape[1] == 0
+    (loss_s, *_), grads_s = step(shared, samples)
+    (loss_p, *_), grads_p = step(padded, samples)
+    assert loss_s == pytest.approx(loss_p, rel=1e-5, abs=1e-7)
+    for name in grads_p:
+        torch.testing.assert_close(grads_s[name], grads_p[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_sharing_is_used_only_where_it_saves_tokens(model_dir):
+    b = backend(model_dir)
+    distinct = groups(n_groups=8, n=1)  # every prompt once: nothing to share
+    assert b._shared_prompts(distinct) is None
+    assert b._shared_prompts(groups(n_groups=2, n=8)) is not None
+    assert backend(model_dir, activation_checkpointing=True)._shared_prompts(groups()) is None
+    # micro-batches split a group: each micro-batch shares what it holds, and the step is unchanged
+    small, whole = backend(model_dir, micro_batch_size=4), backend(model_dir, share_prompts=False)
+    (loss_s, *_), grads_s = step(small, groups())
+    (loss_w, *_), grads_w = step(whole, groups())
+    assert loss_s == pytest.approx(loss_w, rel=1e-5, abs=1e-7)
+    for name in grads_w:
+        torch.testing.assert_close(grads_s[name], grads_w[name], rtol=1e-4, atol=1e-7, msg=name)

@@ -7,6 +7,7 @@ Rollouts (N concurrent workers):   k prompts -> generator.generate.route (n = gr
                                    (k = groups_per_rollout: one call of each for k groups)
 Training (one loop):               buffer.sample -> trainer.train_step -> buffer.ack
                                    -> every K steps: trainer.publish_weights -> generator.update_weights.fanout
+                                      (the fanout overlaps the next step's sample and train)
 
 Group-relative advantage (GRPO, Shao et al. 2024), computed here because only the rollout has
 the whole group at hand:  A_i = (r_i - mean(r)) / (std(r) + eps)   (std off for Dr.GRPO).
@@ -35,7 +36,7 @@ import uuid
 from forgerpc.clients import ForgeRPCError
 from forgerpc.orchestrator.config import GRPOConfig
 from forgerpc.orchestrator.loop import (Metrics, Position, Services, add_group, checkpoint, current_traceparent,
-                                       evaluate, publish, rollout_links)
+                                       evaluate, publish_weights, rollout_links, update_generators)
 from forgerpc.orchestrator.tasks import TaskSet
 from forgerpc.v1 import common_pb2, replay_buffer_pb2, reward_pb2
 
@@ -68,6 +69,7 @@ class GRPO:
         self.stop = asyncio.Event()
         self.groups_in_flight = asyncio.Semaphore(settings.prompts_per_step * (settings.max_staleness + 1))
         self.taking_permits = asyncio.Lock()
+        self.landing: asyncio.Task | None = None  # the newest version's update_weights fanout (see land)
 
     def sampling(self, n: int, temperature: float) -> common_pb2.SamplingParams:
         return common_pb2.SamplingParams(n=n, temperature=temperature, max_tokens=self.cfg.max_tokens,
@@ -161,11 +163,16 @@ class GRPO:
                    "episodes_per_s": self.metrics.counts.get("episodes", 0) / elapsed,
                    "tokens_per_s": self.metrics.counts.get("tokens", 0) / elapsed,
                    "time": time.time()}
+            groups = len({e.group_id for e in batch.episodes})
             if step % self.cfg.publish_every == 0:
-                await publish(self.s, self.metrics, self.version + 1)
+                await self.landed()  # versions reach the generators in order
                 self.version += 1
-            # After publishing: new rollouts use the new weights.
-            self.release(len({e.group_id for e in batch.episodes}) + await self.dropped_groups())
+                source = await publish_weights(self.s, self.metrics, self.version)
+                # The generators load it while the next step trains; this batch's rollout permits
+                # come back once they hold it, so new rollouts use the new weights.
+                self.landing = asyncio.create_task(self.land(self.version, source, groups))
+            else:
+                self.release(groups + await self.dropped_groups())
             row["buffer_size"] = self.buffer_size
             # The budget runs from the baseline eval (the step-0 row), like bench/learning.py's clock.
             last = step == self.cfg.steps or 0 < self.cfg.max_seconds <= row["time"] - self.budget_start
@@ -175,10 +182,22 @@ class GRPO:
             log.info("step %d %s", step, row)
             every = self.cfg.checkpoint_every
             if (every and step % every == 0) or last:
+                await self.landed()  # the checkpoint's version is on the generators
                 await checkpoint(self.s, self.metrics, Position("grpo", step, self.version, drawn=self.drawn,
                                                                 episodes=row["episodes"]))
             if last:
                 break
+
+    async def land(self, version: int, source: dict, groups: int) -> None:
+        """generator.update_weights.fanout(version), then the trained batch's permits come back."""
+        await update_generators(self.s, self.metrics, version, source)
+        self.release(groups + await self.dropped_groups())
+
+    async def landed(self) -> None:
+        """Waits until the last published version is on the generators (its errors surface here)."""
+        if self.landing is not None:
+            landing, self.landing = self.landing, None
+            await landing
 
     async def dropped_groups(self) -> int:
         """Groups the buffer filtered (all rewards equal) or evicted as stale since the last call:
@@ -186,10 +205,12 @@ class GRPO:
         stats = await self.s.buffer.get_stats.call_one()
         self.buffer_size = stats.stream_length
         dropped = stats.filtered_groups_total + stats.evicted_stale_total // self.cfg.group_size
-        new, self._dropped_seen = dropped - self._dropped_seen, dropped
+        # max: calls overlap (the landing task's and the sampler's), and the counters only grow
+        new, self._dropped_seen = dropped - self._dropped_seen, max(dropped, self._dropped_seen)
         return max(new, 0)
 
     async def evaluate(self) -> float:
+        await self.landed()  # the eval is of the newest version
         return await evaluate(self.s, self.metrics, self.task.eval_set[: self.cfg.eval_size],
                               self.cfg.max_tokens, self.cfg.stop)
 
@@ -210,9 +231,10 @@ class GRPO:
             final = await self.evaluate()
         finally:
             self.stop.set()
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            for task in [*workers, self.landing]:
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*workers, *[self.landing] if self.landing else [], return_exceptions=True)
             self.metrics.close()
         return {"eval_before": baseline, "eval_after": final, "version": self.version,
                 "episodes": self.start.episodes + self.metrics.counts.get("episodes", 0),

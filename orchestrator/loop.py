@@ -129,24 +129,31 @@ def last_published(run_dir: pathlib.Path) -> int:
 
 
 async def publish(services: Services, metrics: Metrics, version: int) -> None:
-    """trainer.publish_weights -> generator.update_weights.fanout; a failed replica is counted.
+    """trainer.publish_weights -> generator.update_weights.fanout (publish_weights, then update_generators)."""
+    await update_generators(services, metrics, version, await publish_weights(services, metrics, version))
 
-    The generators pull from where the trainer put the version: its weight store (location is
-    the store's address) or a directory on a shared disk (location is the path)."""
+
+async def publish_weights(services: Services, metrics: Metrics, version: int) -> dict:
+    """The trainer publishes its weights as `version`; returns where the generators find them:
+    its weight store (location is the store's address) or a directory on a shared disk (the path)."""
     with metrics.phase("publish"):
         published = await services.trainer.publish_weights.call_one(version=version)
-    source = ({"weight_store_address": published.location} if is_store_address(published.location)
-              else {"local_path": published.location})
+    # Remembered so that a resumed run never reuses a number for different weights.
+    tmp = metrics.run_dir / f".{PUBLISHED_VERSION}.tmp"
+    tmp.write_text(str(version))
+    os.replace(tmp, metrics.run_dir / PUBLISHED_VERSION)
+    return ({"weight_store_address": published.location} if is_store_address(published.location)
+            else {"local_path": published.location})
+
+
+async def update_generators(services: Services, metrics: Metrics, version: int, source: dict) -> None:
+    """generator.update_weights.fanout(version) from `source`; a failed replica is counted and logged."""
     with metrics.phase("update_weights"):
         results = await services.generator.update_weights.fanout(version=version, **source)
     failed = [r for r in results if not r.ok]
     if failed:
         metrics.count("update_failures", len(failed))
         log.warning("weight update failed on %s", [(r.address, str(r.error)) for r in failed])
-    # Remembered so that a resumed run never reuses a number for different weights.
-    tmp = metrics.run_dir / f".{PUBLISHED_VERSION}.tmp"
-    tmp.write_text(str(version))
-    os.replace(tmp, metrics.run_dir / PUBLISHED_VERSION)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,102 @@
+"""What does `share_prompts` save? The trainer's GRPO step with and without it, same batches, one process.
+
+    .venv/bin/python bench/trainer_step.py                          # grpo_tiny's model and batch shape
+    .venv/bin/python bench/trainer_step.py --groups 16 --prompt-tokens 200 --response-tokens 50
+
+Builds the model CONFIG describes (model: arch, hidden_size, layers, heads, kv_heads; the real
+loading code) and two TorchBackends over copies of it from CONFIG's trainer config, one with
+`share_prompts: false` (the reference: every episode padded to prompt + response) and one with it on.
+Each step gets a fresh batch of --groups groups of grpo.group_size episodes (random tokens, prompts
+and responses of up to the given lengths, half the episodes of each group rewarded so no advantage
+is 0); the two backends take turns on the same batch, in alternating order. Reports the median step
+time of each and `shared_vs_padded` = padded / shared (> 1: sharing is faster), and checks that the
+two losses agree on every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pathlib
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def batch(rng: random.Random, groups: int, n: int, prompt_tokens: int, response_tokens: int, vocab: int):
+    from forgerpc.services.trainer.backends.torch_backend import Sample
+
+    out = []
+    for g in range(groups):
+        prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(max(1, prompt_tokens // 2), prompt_tokens))]
+        for i in range(n):
+            response = [rng.randrange(4, vocab) for _ in range(rng.randint(max(1, response_tokens // 2), response_tokens))]
+            out.append(Sample(prompt=prompt, response=response, generator_logprobs=[-1.0] * len(response),
+                              mask=[1] * len(response), reward=float(i % 2), group_id=f"g{g}"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/grpo_tiny.yaml")
+    ap.add_argument("--groups", type=int, default=8, help="groups per step (grpo_tiny: ~8 of 16 carry a gradient)")
+    ap.add_argument("--prompt-tokens", type=int, default=8, help="longest prompt (grpo_tiny: 'ddd+ddd=' is 8)")
+    ap.add_argument("--response-tokens", type=int, default=5, help="longest response (grpo_tiny: 4 digits + eos)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/trainer_step.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    from forgerpc.clients.config import load_config
+    from forgerpc.orchestrator.config import RunConfig
+    from forgerpc.services.common.models import load_model, make_tiny_model
+    from forgerpc.services.trainer.backends.torch_backend import TorchBackend
+    from forgerpc.services.trainer.config import TrainerConfig
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(RunConfig, args.config)
+    m = cfg.model
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_model(tmp, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,
+                               num_kv_heads=m.kv_heads, intermediate_size=2 * m.hidden_size, seed=m.seed)
+        model, _ = load_model(path, dtype=torch.float32)
+    trainer = dict(cfg.services["trainer"].config)
+    backends = {share: TorchBackend(TrainerConfig(**{**trainer, "share_prompts": share}), copy.deepcopy(model))
+                for share in (False, True)}
+    rng = random.Random(0)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    worst = 0.0
+    for i in range(args.warmup + args.steps):
+        samples = batch(rng, args.groups, cfg.grpo.group_size, args.prompt_tokens, args.response_tokens,
+                        model.config.vocab_size)
+        losses = {}
+        for share in ((False, True) if i % 2 else (True, False)):
+            start = time.perf_counter()
+            losses[share] = backends[share].train_step(samples).loss
+            if i >= args.warmup:
+                times[share].append(time.perf_counter() - start)
+        worst = max(worst, abs(losses[True] - losses[False]) / max(abs(losses[False]), 1e-6))
+    result = {
+        "config": args.config, "groups": args.groups, "group_size": cfg.grpo.group_size,
+        "prompt_tokens": args.prompt_tokens, "response_tokens": args.response_tokens, "threads": args.threads,
+        "padded_step_ms": round(statistics.median(times[False]) * 1e3, 2),
+        "shared_step_ms": round(statistics.median(times[True]) * 1e3, 2),
+        "max_relative_loss_difference": worst,
+    }
+    result["shared_vs_padded"] = round(result["padded_step_ms"] / result["shared_step_ms"], 2)
+    print(json.dumps(result))
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -153,7 +153,7 @@ class GRPO:
             await self.s.buffer.ack.call_one(batch_id=batch.batch_id)
             elapsed = time.time() - self.started
             row = {"phase": "grpo", "step": step, "version": self.version, "trainer_step": result.step,
-                   "loss": result.loss, "kl": result.kl,
+                   "loss": result.loss, "kl": result.kl, "train_seconds": result.step_seconds,
                    "reward_mean": statistics.fmean(e.reward for e in batch.episodes),
                    # Episodes of groups with all-equal rewards: no gradient (the trainer skips them).
                    "zero_advantage": statistics.fmean(e.advantage == 0 for e in batch.episodes),

@@ -251,6 +251,10 @@ class TitanBackend(TorchBackend):
         d = self.device
         return tokens.to(d), rows.to(d), positions.to(d), targets.to(d), gen.to(d), mask.to(d)
 
+    def _shared_prompts(self, chunk: list[Sample]) -> None:
+        """Never: episodes are packed, not padded, and titan's forward takes no KV cache."""
+        return None
+
     def _logprobs(self, model, tokens, rows, positions, targets, temperature: float = 1.0):
         """Per-token logprobs and entropies (b, R) of `targets` from one packed forward, at `temperature`."""
         with self._autocast():

@@ -10,6 +10,11 @@ One `train_step(samples)`:
 SFT with `sft.packing`: the micro-batches are rows of `sft.pack_length` tokens holding several
 episodes each (services/trainer/packing.py); `micro_batch_size` then counts rows.
 
+Policy gradient with `share_prompts` (default): a micro-batch whose episodes repeat prompts (a GRPO
+group) runs each distinct prompt once, then every response on a copy of its prompt's KV cache
+(`_shared_logprobs`); same loss and gradients as the padded forward, (n - 1) / n of the prompt
+tokens fewer for groups of n.
+
 Under `torchrun` (torch.distributed initialized) the model is sharded with FSDP2 (`fully_shard` per
 decoder layer, then the root), each rank takes every world_size-th sample, and because FSDP averages
 gradients over ranks each rank's loss is multiplied by world_size: the result equals one process

@@ -35,7 +35,8 @@ def batch(rng: random.Random, groups: int, n: int, prompt_tokens: int, response_
     for g in range(groups):
         prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(max(1, prompt_tokens // 2), prompt_tokens))]
         for i in range(n):
-            response = [rng.randrange(4, vocab) for _ in range(rng.randint(max(1, response_tokens // 2), response_tokens))]
+            length = rng.randint(max(1, response_tokens // 2), response_tokens)
+            response = [rng.randrange(4, vocab) for _ in range(length)]
             out.append(Sample(prompt=prompt, response=response, generator_logprobs=[-1.0] * len(response),
                               mask=[1] * len(response), reward=float(i % 2), group_id=f"g{g}"))
     return out

@@ -30,7 +30,8 @@ def groups(n_groups: int = 5, n: int = 6, seed: int = 0, max_response: int = 9) 
     for k in range(n_groups):
         prompt = torch.randint(4, 90, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
         for i in range(n):
-            r = torch.randint(4, 90, (int(torch.randint(1, max_response + 1, (1,), generator=g)),), generator=g).tolist()
+            length = int(torch.randint(1, max_response + 1, (1,), generator=g))
+            r = torch.randint(4, 90, (length,), generator=g).tolist()
             mask = [1] * len(r)
             if i == 2 and len(r) > 1:
                 mask[-1] = 0  # a masked token stays out of both layouts' loss

@@ -1,7 +1,10 @@
 """FSDP2 data parallel on CPU: `torchrun --nproc_per_node 2` (gloo) gives the loss curve of one process.
 
 Run as a script (under torchrun) this file is the worker: it trains the torch backend for 5 steps on
-fixed batches and rank 0 writes the per-step losses and grad norms as JSON.
+fixed batches and rank 0 writes the per-step losses and grad norms as JSON. Batches of distinct
+prompts, or of groups sharing 16-token prompts: one process then runs the shared-prompt forward
+(`share_prompts`) where it saves tokens, two FSDP ranks never do (a rank that shares makes two
+forward calls, each a collective, where another makes one: they would deadlock).
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ import pytest
 STEPS = 5
 
 
-def run_steps(model_dir: str, out: str) -> None:
+def grouped(samples: list, prompt_tokens: int = 16) -> list:
+    """The same episodes with one long prompt per 4 (as a GRPO group of 4)."""
+    import dataclasses
+
+    return [dataclasses.replace(s, prompt=[4 + (i // 4 + j) % 80 for j in range(prompt_tokens)])
+            for i, s in enumerate(samples)]
+
+
+def run_steps(model_dir: str, out: str, mode: str = "distinct") -> None:
     import torch
     import torch.distributed as dist
 
@@ -37,7 +48,8 @@ def run_steps(model_dir: str, out: str) -> None:
     backend = TorchBackend(cfg, model)
     curve = []
     for step in range(STEPS):
-        r = backend.train_step(episodes(n=7, seed=step))  # 7: the ranks get 4 and 3 samples
+        batch = episodes(n=7, seed=step)  # 7: the ranks get 4 and 3 samples
+        r = backend.train_step(grouped(batch) if mode == "groups" else batch)
         curve.append({"loss": r.loss, "grad_norm": r.grad_norm, "tokens": r.tokens, "skipped": r.skipped})
     if backend.rank == 0:
         pathlib.Path(out).write_text(json.dumps({"world": backend.world, "curve": curve}))
@@ -46,7 +58,8 @@ def run_steps(model_dir: str, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mode", ["distinct", "groups"])
+def test_fsdp2_two_processes_match_one(tmp_path, mode):
     from forgerpc.services.common.models import make_tiny_model
 
     model_dir = str(make_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=2))
@@ -54,7 +67,7 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     curves = {}
     for n in (1, 2):
         out = tmp_path / f"curve{n}.json"
-        proc = subprocess.run([*torchrun, f"--nproc_per_node={n}", __file__, model_dir, str(out)],
+        proc = subprocess.run([*torchrun, f"--nproc_per_node={n}", __file__, model_dir, str(out), mode],
                               capture_output=True, text=True, timeout=240,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -71,4 +84,4 @@ def test_fsdp2_two_processes_match_one(tmp_path):
 
 
 if __name__ == "__main__":
-    run_steps(sys.argv[1], sys.argv[2])
+    run_steps(*sys.argv[1:4])

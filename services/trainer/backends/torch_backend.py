@@ -13,7 +13,7 @@ episodes each (services/trainer/packing.py); `micro_batch_size` then counts rows
 Policy gradient with `share_prompts` (default): a micro-batch whose episodes repeat prompts (a GRPO
 group) runs each distinct prompt once, then every response on a copy of its prompt's KV cache
 (`_shared_logprobs`); same loss and gradients as the padded forward, (n - 1) / n of the prompt
-tokens fewer for groups of n.
+tokens fewer for groups of n. Single-process only (see `_shared_prompts`).
 
 Under `torchrun` (torch.distributed initialized) the model is sharded with FSDP2 (`fully_shard` per
 decoder layer, then the root), each rank takes every world_size-th sample, and because FSDP averages
@@ -305,7 +305,9 @@ class TorchBackend:
         """The micro-batch as distinct prompts + responses (see SharedPrompts), or None when sharing
         would not save a quarter of the tokens: u * P + b * (R - 1) vs b * (P + R) for u distinct
         prompts among b episodes, P and R the longest prompt and response."""
-        if not self.cfg.share_prompts or self.cfg.activation_checkpointing:
+        # Not under FSDP: each forward call all-gathers the parameters, so every rank must make the
+        # same calls, and one rank's micro-batch may share (two calls) while another's does not (one).
+        if not self.cfg.share_prompts or self.cfg.activation_checkpointing or self.world > 1:
             return None
         distinct: dict[tuple[int, ...], int] = {}
         index = [distinct.setdefault(tuple(s.prompt), len(distinct)) for s in chunk]

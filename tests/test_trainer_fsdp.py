@@ -46,13 +46,15 @@ def run_steps(model_dir: str, out: str, mode: str = "distinct") -> None:
                         optim={"lr": 1e-3, "warmup_steps": 2, "total_steps": 10})
     model, _ = load_model(model_dir)
     backend = TorchBackend(cfg, model)
+    # does a micro-batch of this batch shape take the shared-prompt forward here? (world 1 only)
+    shares = backend._shared_prompts(grouped(episodes(n=3)) if mode == "groups" else episodes(n=3)) is not None
     curve = []
     for step in range(STEPS):
         batch = episodes(n=7, seed=step)  # 7: the ranks get 4 and 3 samples
         r = backend.train_step(grouped(batch) if mode == "groups" else batch)
         curve.append({"loss": r.loss, "grad_norm": r.grad_norm, "tokens": r.tokens, "skipped": r.skipped})
     if backend.rank == 0:
-        pathlib.Path(out).write_text(json.dumps({"world": backend.world, "curve": curve}))
+        pathlib.Path(out).write_text(json.dumps({"world": backend.world, "curve": curve, "shares": shares}))
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -73,6 +75,7 @@ def test_fsdp2_two_processes_match_one(tmp_path, mode):
         assert proc.returncode == 0, proc.stderr[-4000:]
         result = json.loads(out.read_text())
         assert result["world"] == n
+        assert result["shares"] == (mode == "groups" and n == 1)
         curves[n] = result["curve"]
     one, two = curves[1], curves[2]
     assert not any(s["skipped"] for s in one + two)

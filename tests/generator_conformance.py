@@ -94,7 +94,10 @@ def hf(dirs):
 def store():
     proc = ServiceProcess("weight_store")
     yield proc
-    proc.stop()
+    try:
+        proc.terminate()  # SIGTERM: the store unlinks its segments; SIGKILL would leave them in /dev/shm
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")

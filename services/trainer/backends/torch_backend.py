@@ -122,6 +122,8 @@ class TorchBackend:
         self.vocab_size = self.model.config.vocab_size
         self.max_positions = getattr(self.model.config, "max_position_embeddings", 1 << 30)
         self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
+        # transformers 5.2x renamed the KV cache argument `past_key_values` to `cache` (the old name warns)
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.ref_model = None
         if cfg.loss.beta > 0:  # the KL reference is the initial policy, frozen
             import copy
@@ -349,12 +351,10 @@ class TorchBackend:
                           use_cache=True, logits_to_keep=1)
             logits = first.logits[sp.index]
             if sp.response_ids.shape[1]:
-                # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns)
-                name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-                cache = getattr(first, name)
+                cache = getattr(first, self.cache_kwarg)
                 cache.reorder_cache(sp.index)
                 rest = model(input_ids=sp.response_ids, attention_mask=sp.attn, position_ids=sp.response_positions,
-                             use_cache=True, **{name: cache}).logits
+                             use_cache=True, **{self.cache_kwarg: cache}).logits
                 logits = torch.cat([logits, rest], dim=1)
         return losses.token_logprobs_and_entropy(logits, targets, temperature)
 

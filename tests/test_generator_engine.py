@@ -94,6 +94,28 @@ async def test_sampled_logprobs_match_a_fresh_forward_pass(model_dir):
     await _run(dict(model_path=str(model_dir)), check)
 
 
+async def test_shared_prefixes_survive_compaction(model_dir):
+    """Prompts of different lengths with n samples each, written by one prefill into n slots
+    apiece; the shorter call's sequences leave first and the longer call's move into their slots.
+    Every sample's logprobs must still be those of a fresh forward pass over its own prompt."""
+    async def check(engine):
+        def call(texts, max_tokens, seed):
+            prompts = [(t, engine.encode(t)) for t in texts]
+            return prompts, engine.generate(prompts, Sampling(temperature=1.0, max_tokens=max_tokens, n=3, seed=seed,
+                                                              logprobs=True, ignore_eos=True))
+        short_prompts, short = call(["a", "a much longer prompt than the first"], 4, 1)
+        long_prompts, long = call(["mid-sized prompt", "b"], 20, 2)
+        results = await asyncio.gather(short, long)
+        for prompts, outs in zip((short_prompts, long_prompts), results):
+            assert len(outs) == 6
+            ids = dict(prompts)
+            for out in outs:
+                want = _fresh_logprobs(engine.model, ids[out.prompt_id], out.token_ids, 1.0)
+                assert (torch.tensor(out.logprobs) - want).abs().max().item() < 1e-4, out.prompt_id
+
+    await _run(dict(model_path=str(model_dir), max_batch_size=12), check)
+
+
 async def test_seeds_reproduce_and_n_samples_share_one_prefill(tmp_path):
     path = make_tiny_model(tmp_path / "m", initializer_range=0.1)
 

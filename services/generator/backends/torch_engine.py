@@ -319,15 +319,16 @@ class TorchEngine:
         keep = [s for s in self._running if s not in gone]
         holes = sorted(s.slot for s in leaving if s.slot < len(keep))
         movers = [s for s in keep if s.slot >= len(keep)]
+        if movers:
+            self.forward.move_slots([s.slot for s in movers], holes, max(s.length for s in movers))
         for hole, seq in zip(holes, movers):
-            self.forward.move_slot(seq.slot, hole, seq.length)
             seq.slot = hole
         self._running = sorted(keep, key=lambda s: s.slot)
         self._params = None
         return list(leaving)
 
     def _prefill(self, groups: list[_Group]) -> list[_Seq]:
-        """Prefills each prompt once into its first slot, copies it to the other n-1 slots,
+        """Prefills each prompt once, writing its K/V into the slots of all its n samples,
         and samples every sequence's first token from the shared last-position logits."""
         slot = len(self._running)
         first_slots, new = [], []
@@ -344,11 +345,8 @@ class TorchEngine:
                 slot += 1
             new += g.seqs
         self.forward.ensure_capacity(max(len(g.prompt_ids) + s.max_new for g in groups for s in g.seqs))
-        logits = self.forward.prefill([g.prompt_ids for g in groups], first_slots)
+        logits = self.forward.prefill([g.prompt_ids for g in groups], first_slots, [g.sampling.n for g in groups])
         self.steps += 1
-        for g, first in zip(groups, first_slots):
-            for i in range(1, g.sampling.n):
-                self.forward.move_slot(first, first + i, len(g.prompt_ids))
         logits = logits.repeat_interleave(torch.tensor([g.sampling.n for g in groups], device=self.device), dim=0)
         tokens, logprobs = sample(logits, self._batch_params(new), self._rng)
         self._running += new

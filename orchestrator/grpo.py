@@ -7,7 +7,8 @@ Rollouts (N concurrent workers):   k prompts -> generator.generate.route (n = gr
                                    (k = groups_per_rollout: one call of each for k groups)
 Training (one loop):               buffer.sample -> trainer.train_step -> buffer.ack
                                    -> every K steps: trainer.publish_weights -> generator.update_weights.fanout
-                                      (the fanout overlaps the next step's sample and train)
+                                      (the next sample overlaps the ack and the publish; the fanout
+                                      overlaps the next step's train)
 
 Group-relative advantage (GRPO, Shao et al. 2024), computed here because only the rollout has
 the whole group at hand:  A_i = (r_i - mean(r)) / (std(r) + eps)   (std off for Dr.GRPO).
@@ -70,6 +71,7 @@ class GRPO:
         self.groups_in_flight = asyncio.Semaphore(settings.prompts_per_step * (settings.max_staleness + 1))
         self.taking_permits = asyncio.Lock()
         self.landing: asyncio.Task | None = None  # the newest version's update_weights fanout (see land)
+        self.next_batch: asyncio.Task | None = None  # the next step's batch, sampled during this step's publish
 
     def sampling(self, n: int, temperature: float) -> common_pb2.SamplingParams:
         return common_pb2.SamplingParams(n=n, temperature=temperature, max_tokens=self.cfg.max_tokens,
@@ -137,20 +139,24 @@ class GRPO:
             self.groups_in_flight.release()
 
     # -- training ---------------------------------------------------------------------------
+    async def sample(self) -> replay_buffer_pb2.SampleResponse:
+        """The next training batch: whole groups, at most max_policy_age versions behind self.version."""
+        while not (batch := await self.s.buffer.sample.call_one(
+                batch_size=self.cfg.prompts_per_step * self.cfg.group_size, whole_groups=True,
+                current_policy_version=self.version, wait_seconds=60)).episodes:
+            self.release(await self.dropped_groups())  # what was there was filtered or evicted
+        return batch
+
     async def train(self) -> None:
-        batch_size = self.cfg.prompts_per_step * self.cfg.group_size
         for step in range(self.start.step + 1, self.cfg.steps + 1):
             with self.metrics.phase("sample"):
-                while not (batch := await self.s.buffer.sample.call_one(
-                        batch_size=batch_size, whole_groups=True, current_policy_version=self.version,
-                        wait_seconds=60)).episodes:
-                    self.release(await self.dropped_groups())  # what was there was filtered or evicted
+                batch = await (self.next_batch or self.sample())
             with self.metrics.phase("train", links=rollout_links(batch.episodes)):
                 for _ in range(self.cfg.ppo_epochs):
                     result = await self.s.trainer.train_step.call_one(episodes=batch.episodes,
                                                                       reset_optimizer=self.reset_pending)
                     self.reset_pending = False
-            await self.s.buffer.ack.call_one(batch_id=batch.batch_id)
+            acked = asyncio.create_task(self.s.buffer.ack.call_one(batch_id=batch.batch_id))
             elapsed = time.time() - self.started
             row = {"phase": "grpo", "step": step, "version": self.version, "trainer_step": result.step,
                    "loss": result.loss, "kl": result.kl, "train_seconds": result.step_seconds,
@@ -164,18 +170,24 @@ class GRPO:
                    "tokens_per_s": self.metrics.counts.get("tokens", 0) / elapsed,
                    "time": time.time()}
             groups = len({e.group_id for e in batch.episodes})
-            if step % self.cfg.publish_every == 0:
+            # The budget runs from the baseline eval (the step-0 row), like bench/learning.py's clock.
+            last = step == self.cfg.steps or 0 < self.cfg.max_seconds <= row["time"] - self.budget_start
+            publishing = step % self.cfg.publish_every == 0
+            if publishing:
                 await self.landed()  # versions reach the generators in order
                 self.version += 1
+            # The next batch is sampled (for the version the trainer now holds) while this one's
+            # ack and the weights' upload run: the three are independent, and the step waits on all.
+            self.next_batch = None if last else asyncio.create_task(self.sample())
+            if publishing:
                 source = await publish_weights(self.s, self.metrics, self.version)
                 # The generators load it while the next step trains; this batch's rollout permits
                 # come back once they hold it, so new rollouts use the new weights.
                 self.landing = asyncio.create_task(self.land(self.version, source, groups))
             else:
                 self.release(groups + await self.dropped_groups())
+            await acked
             row["buffer_size"] = self.buffer_size
-            # The budget runs from the baseline eval (the step-0 row), like bench/learning.py's clock.
-            last = step == self.cfg.steps or 0 < self.cfg.max_seconds <= row["time"] - self.budget_start
             if step % self.cfg.eval_every == 0 or last:
                 row["eval_accuracy"] = await self.evaluate()
             self.metrics.write(row)
@@ -231,10 +243,12 @@ class GRPO:
             final = await self.evaluate()
         finally:
             self.stop.set()
-            for task in [*workers, self.landing]:
-                if task is not None:
-                    task.cancel()
-            await asyncio.gather(*workers, *[self.landing] if self.landing else [], return_exceptions=True)
+            # A batch sampled but never trained is not acked: the buffer serves it again after its
+            # visibility timeout (e.g. to the run that resumes this one).
+            tasks = [t for t in (*workers, self.landing, self.next_batch) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.metrics.close()
         return {"eval_before": baseline, "eval_after": final, "version": self.version,
                 "episodes": self.start.episodes + self.metrics.counts.get("episodes", 0),

@@ -12,7 +12,7 @@ from forgerpc.services.trainer.backends.torch_backend import Sample, TorchBacken
 from forgerpc.services.trainer.config import TrainerConfig
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def model_dir(request, tmp_path_factory):
     # initializer_range 0.1: logits far from uniform, so a wrong position or mask shows in the loss
     return make_tiny_model(tmp_path_factory.mktemp(request.param), arch=request.param, initializer_range=0.1)

@@ -12,8 +12,8 @@ episodes each (services/trainer/packing.py); `micro_batch_size` then counts rows
 
 Policy gradient with `share_prompts` (default): a micro-batch whose episodes repeat prompts (a GRPO
 group) runs each distinct prompt once, then every response on a copy of its prompt's KV cache
-(`_shared_logprobs`); same loss and gradients as the padded forward, (n - 1) / n of the prompt
-tokens fewer for groups of n. Single-process only (see `_shared_prompts`).
+(`_shared_logprobs`, shared_forward.py); same loss and gradients as the padded forward, (n - 1) / n
+of the prompt tokens fewer for groups of n. Single-process Llama / Qwen2 / Qwen3 only (see `_shared_prompts`).
 
 Under `torchrun` (torch.distributed initialized) the model is sharded with FSDP2 (`fully_shard` per
 decoder layer, then the root), each rank takes every world_size-th sample, and because FSDP averages
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import pathlib
 import time
@@ -36,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from forgerpc.services.trainer import checkpoint, losses, packing
+from forgerpc.services.trainer.backends import shared_forward
 from forgerpc.services.trainer.config import TrainerConfig
 
 
@@ -70,7 +70,6 @@ class SharedPrompts:
     index (b,): episode -> its prompt's row.
     response_ids, response_positions (b, R - 1): responses without their last token, right-padded;
         positions continue from the episode's real prompt length.
-    attn (b, P + R - 1): the prompt's mask, then the response's.
     """
 
     prompt_ids: torch.Tensor
@@ -78,7 +77,6 @@ class SharedPrompts:
     prompt_positions: torch.Tensor
     index: torch.Tensor
     response_ids: torch.Tensor
-    attn: torch.Tensor
     response_positions: torch.Tensor
 
 
@@ -122,8 +120,6 @@ class TorchBackend:
         self.vocab_size = self.model.config.vocab_size
         self.max_positions = getattr(self.model.config, "max_position_embeddings", 1 << 30)
         self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
-        # transformers 5.2x renamed the KV cache argument `past_key_values` to `cache` (the old name warns)
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.ref_model = None
         if cfg.loss.beta > 0:  # the KL reference is the initial policy, frozen
             import copy
@@ -141,8 +137,10 @@ class TorchBackend:
     def _init_training_state(self, cfg) -> None:
         """AdamW over self.model, warmup + cosine schedule, counters at zero (every backend)."""
         o = cfg.optim
+        # One process: the fused kernel (one call for every parameter; 1 ms vs 3-4 ms per step for
+        # grpo_tiny's 38 tensors on CPU). Sharded parameters keep the default per-tensor loop.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay)
+                                           weight_decay=o.weight_decay, fused=self.world == 1 or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(o.warmup_steps, o.total_steps, o.min_lr_ratio))
         self.step = 0
@@ -307,9 +305,11 @@ class TorchBackend:
         """The micro-batch as distinct prompts + responses (see SharedPrompts), or None when sharing
         would not save a quarter of the tokens: u * P + b * (R - 1) vs b * (P + R) for u distinct
         prompts among b episodes, P and R the longest prompt and response."""
-        # Not under FSDP: each forward call all-gathers the parameters, so every rank must make the
-        # same calls, and one rank's micro-batch may share (two calls) while another's does not (one).
-        if not self.cfg.share_prompts or self.cfg.activation_checkpointing or self.world > 1:
+        # Not under FSDP: each layer's all-gather pairs up across ranks, and one rank's micro-batch
+        # may share (two passes) while another's does not (one). Not with activation checkpointing:
+        # HF's layer call is what checkpoints, and shared_forward.py calls the layer's parts.
+        if (not self.cfg.share_prompts or self.cfg.activation_checkpointing or self.world > 1
+                or not shared_forward.supports(self.model)):
             return None
         distinct: dict[tuple[int, ...], int] = {}
         index = [distinct.setdefault(tuple(s.prompt), len(distinct)) for s in chunk]
@@ -321,11 +321,9 @@ class TorchBackend:
         for prompt in distinct:
             prompts.append([self.pad_id] * (P - len(prompt)) + list(prompt))
             p_attn.append([0] * (P - len(prompt)) + [1] * len(prompt))
-        responses, r_attn = [], []
+        responses = []
         for s in chunk:  # inputs: every response token but the last (it predicts nothing trained)
-            r = len(s.response)
-            responses.append(list(s.response[:-1]) + [self.pad_id] * (R - r))
-            r_attn.append([1] * (r - 1) + [0] * (R - r))
+            responses.append(list(s.response[:-1]) + [self.pad_id] * (R - len(s.response)))
         d = self.device
         p_attn = torch.tensor(p_attn, dtype=torch.long)
         index = torch.tensor(index, dtype=torch.long)
@@ -334,28 +332,20 @@ class TorchBackend:
             prompt_ids=torch.tensor(prompts, dtype=torch.long).to(d), prompt_attn=p_attn.to(d),
             prompt_positions=(p_attn.cumsum(-1) - 1).clamp(min=0).to(d), index=index.to(d),
             response_ids=torch.tensor(responses, dtype=torch.long).to(d),
-            attn=torch.cat([p_attn[index], torch.tensor(r_attn, dtype=torch.long)], -1).to(d),
             response_positions=(lengths[:, None] + torch.arange(R - 1)).to(d))
 
     def _shared_logprobs(self, model, sp: SharedPrompts, targets, temperature: float = 1.0):
         """`_logprobs` of the same episodes, each distinct prompt computed once.
 
-        prompts (u, P) -> logits of the last column (u, 1, V) and a KV cache (u, kv_heads, P, d) per
-        layer -> rows picked by `index` (b, ...; index_select, so the gradient of every response sums
-        into its prompt's activations) -> responses (b, R - 1) on that cache -> logits (b, R - 1, V).
-        Column 0 of the result predicts response token 0 (from the prompt's last column), column k
-        token k (from response input k - 1): the same (b, R, V) as the padded path's slice.
+        prompts (u, P) -> logits of the last column (u, 1, V) and each layer's K/V (u, kv_heads, P, d)
+        -> rows picked by `index` (b, ...) -> responses (b, R - 1) attending to them -> logits
+        (b, R - 1, V) (shared_forward.py). Column 0 of the result predicts response token 0 (from the
+        prompt's last column), column k token k (from response input k - 1): the same (b, R, V) as
+        the padded path's slice.
         """
         with self._autocast():
-            first = model(input_ids=sp.prompt_ids, attention_mask=sp.prompt_attn, position_ids=sp.prompt_positions,
-                          use_cache=True, logits_to_keep=1)
-            logits = first.logits[sp.index]
-            if sp.response_ids.shape[1]:
-                cache = getattr(first, self.cache_kwarg)
-                cache.reorder_cache(sp.index)
-                rest = model(input_ids=sp.response_ids, attention_mask=sp.attn, position_ids=sp.response_positions,
-                             use_cache=True, **{self.cache_kwarg: cache}).logits
-                logits = torch.cat([logits, rest], dim=1)
+            logits = shared_forward.shared_prompt_logits(model, sp.prompt_ids, sp.prompt_attn, sp.prompt_positions,
+                                                         sp.index, sp.response_ids, sp.response_positions)
         return losses.token_logprobs_and_entropy(logits, targets, temperature)
 
     def _micro_batch(self, chunk: list[Sample], adv: torch.Tensor, objective: str, counts: dict):

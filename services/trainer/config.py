@@ -85,11 +85,12 @@ class TrainerConfig(ServiceConfig):
     micro_batch_size: int = Field(default=8, gt=0)  # episodes per forward/backward
     activation_checkpointing: bool = False
     # Policy-gradient micro-batches whose episodes share prompts (a GRPO group: n samples of one
-    # prompt) run each distinct prompt once and its n responses on the prompt's KV cache, when that
+    # prompt) run each distinct prompt once and its n responses on the prompt's K/V, when that
     # computes at most 3/4 of the tokens of padding every episode to prompt + response. Same loss
-    # and gradients (tests/test_trainer_shared_prompts.py). Off under activation checkpointing
-    # (HF drops the cache there) and under FSDP (ranks would make different numbers of forward
-    # calls, each a collective). The torch backend's; the titan backend packs episodes into rows.
+    # and gradients (tests/test_trainer_shared_prompts.py). Llama / Qwen2 / Qwen3 only
+    # (backends/shared_forward.py); off under activation checkpointing and under FSDP (ranks would
+    # make different numbers of forward calls, each a collective). The torch backend's; the titan
+    # backend packs episodes into rows.
     share_prompts: bool = True
     device: str = "cpu"  # "cuda" turns on bf16 autocast
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default

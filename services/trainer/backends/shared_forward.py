@@ -8,8 +8,9 @@ It calls the model's own modules (embedding, norms, projections, Qwen3's q/k nor
 embedding), so it computes what the HF forward computes; only attention and the cache are written
 out here. Why not the HF forward with a KV cache (what it replaced): at the sizes of an RL step on
 CPU, HF's per-layer glue (argument decorators, cache objects, repeat_kv) made the whole trainer
-step ~25 % slower (bench/trainer_step.py: 48.4 vs 38.5 ms, with fused AdamW; bench/README.md). The gather of the prompt's K/V is an index_select,
-so the gradients of all n responses of a group sum into their prompt's activations.
+step ~25 % slower (bench/trainer_step.py: 48.4 vs 38.5 ms, fused AdamW included; bench/README.md).
+The gather of the prompt's K/V is an index_select, so the gradients of all n responses of a group
+sum into their prompt's activations.
 tests/test_trainer_shared_prompts.py checks loss and gradients against the padded HF forward.
 """
 

@@ -94,8 +94,8 @@ class SlotKVForward:
         """Copies the first `length` cached positions of each slot src[j] into slot dst[j].
 
         One gather and one scatter per layer and cache, whatever the number of slots: a copy_
-        per slot and layer costs ~14 us of dispatch each, which made compaction a fifth of a
-        tiny model's generation time. Positions past a slot's own length carry junk either way
+        per slot and layer (the old way, with the prefill's copies to the n - 1 other samples)
+        was a fifth of the generator's CPU in a grpo_tiny run (bench/README.md). Positions past a slot's own length carry junk either way
         (decode masks them). The sources are gathered before anything is written, so src and
         dst may overlap.
         """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2 / Qwen3 use the same
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
@@ -33,7 +34,7 @@ def shared_prompt_logits(model, prompt_ids, prompt_attn, prompt_positions, index
                          response_positions) -> torch.Tensor:
     """Logits (b, R, V) of b episodes over u distinct prompts; shapes as in torch_backend.SharedPrompts."""
     inner = model.model
-    u, P = prompt_ids.shape
+    P = prompt_ids.shape[1]
     b, R1 = response_ids.shape
     device = prompt_ids.device
     real = prompt_attn.bool()
@@ -71,16 +72,9 @@ def _layer(layer, h, cos, sin, mask, past=None):
     v = attn.v_proj(x).view(n, s, -1, attn.head_dim).transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = cos[:, None], sin[:, None]  # (n, 1, s, d)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # cos, sin (n, s, d)
     keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
     o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
                                        enable_gqa=q.shape[1] != keys.shape[1])
     h = h + attn.o_proj(o.transpose(1, 2).reshape(n, s, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

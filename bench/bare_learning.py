@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--minibatches", type=int, default=1, help="optimizer steps per generated batch")
     ap.add_argument("--replay-failed", type=float, default=0.0,
                     help="probability of drawing a prompt from the pool of recent prompts with a failed sample")
+    ap.add_argument("--all-wrong-advantage", type=float, default=0.0,
+                    help="advantage -C for every sample of a group whose rewards are all 0 (default 0: GRPO's)")
     ap.add_argument("--kept-mean", action="store_true", help="average the loss over nonzero-advantage episodes")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of CONFIG, e.g. grpo.prompts_per_step=8")
     args = ap.parse_args()
@@ -121,7 +123,7 @@ def main() -> None:
         out = pipeline.bare_grpo_step(
             model, tok, optimizer, [e.prompt for e in examples], g.group_size, g.temperature, g.max_tokens, clip,
             g.std_normalize, lambda texts: [score(t, y) for t, y in zip(texts, targets)],
-            minibatches=args.minibatches, kept_mean=args.kept_mean)
+            minibatches=args.minibatches, kept_mean=args.kept_mean, all_wrong_advantage=args.all_wrong_advantage)
         schedule.step()
         rewards.append(statistics.fmean(out["rewards"]))
         for i, e in enumerate(examples):  # a prompt with a failed sample may be drawn again

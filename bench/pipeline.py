@@ -315,14 +315,17 @@ def part_staleness(args, work: pathlib.Path, batch: int) -> dict:
 
 
 def bare_grpo_step(model, tok, optimizer, prompts: list[str], group: int, temperature: float, max_tokens: int,
-                   clip: float, std_normalize: bool, score, minibatches: int = 1, kept_mean: bool = False) -> dict:
+                   clip: float, std_normalize: bool, score, minibatches: int = 1, kept_mean: bool = False,
+                   all_wrong_advantage: float = 0.0) -> dict:
     """One on-policy GRPO step in this process (no services, no RPC, no Redis): HF `generate` of
     prompts x group (sampled, logprobs from the scores), `score(texts) -> rewards` (one per response),
     group advantages, the trainer's own `grpo_loss` over the nonzero-advantage episodes (as the
     trainer), AdamW, grad clipping. `tok.padding_side` must be "left". Returns timings and rewards.
     Experiments: `minibatches` > 1 splits the trained episodes into that many optimizer steps (PPO
     ratio against the sampling policy, clipped); `kept_mean` averages the loss over the
-    nonzero-advantage episodes instead of all of them (seq_mean's G = kept episodes)."""
+    nonzero-advantage episodes instead of all of them (seq_mean's G = kept episodes);
+    `all_wrong_advantage` c > 0 gives every sample of a group whose rewards are all 0 the advantage
+    -c instead of 0 (negative-sample reinforcement: the confident wrong answers lose mass)."""
     import torch
 
     from forgerpc.orchestrator.grpo import group_advantages
@@ -345,6 +348,10 @@ def bare_grpo_step(model, tok, optimizer, prompts: list[str], group: int, temper
     rewards = score(tok.batch_decode(response, skip_special_tokens=True))
     adv = torch.tensor([a for i in range(0, len(rewards), group)
                         for a in group_advantages(rewards[i:i + group], std_normalize)])
+    if all_wrong_advantage:
+        for i in range(0, len(rewards), group):
+            if max(rewards[i:i + group]) == 0:
+                adv[i:i + group] = -all_wrong_advantage
     t1 = time.perf_counter()
     keep = adv.nonzero().flatten()  # as the trainer: zero-advantage episodes carry no gradient
     model.train()  # train on the batch just generated (on-policy, like max_staleness 0)
@@ -374,7 +381,7 @@ def bare_model(cfg, tmp: str):
 
     m = cfg.model
     path = make_tiny_model(tmp, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,
-                           num_kv_heads=m.kv_heads, intermediate_size=2 * m.hidden_size, seed=m.seed)
+                           num_kv_heads=m.kv_heads, intermediate_size=m.intermediate_size or 2 * m.hidden_size, seed=m.seed)
     model, tok = load_model(path)
     tok.padding_side = "left"
     return model, tok

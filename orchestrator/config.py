@@ -133,6 +133,7 @@ class ModelConfig(Config):
     layers: int = Field(default=4, gt=0)
     heads: int = Field(default=4, gt=0)
     kv_heads: int = Field(default=2, gt=0)
+    intermediate_size: int = Field(default=0, ge=0)  # the MLP's width; 0 = 2 x hidden_size
     seed: int = 0
 
 

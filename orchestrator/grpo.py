@@ -179,14 +179,16 @@ class GRPO:
             # The next batch is sampled (for the version the trainer now holds) while this one's
             # ack and the weights' upload run: the three are independent, and the step waits on all.
             self.next_batch = None if last else asyncio.create_task(self.sample())
-            if publishing:
-                source = await publish_weights(self.s, self.metrics, self.version)
-                # The generators load it while the next step trains; this batch's rollout permits
-                # come back once they hold it, so new rollouts use the new weights.
-                self.landing = asyncio.create_task(self.land(self.version, source, groups))
-            else:
-                self.release(groups + await self.dropped_groups())
-            await acked
+            try:
+                if publishing:
+                    source = await publish_weights(self.s, self.metrics, self.version)
+                    # The generators load it while the next step trains; this batch's rollout permits
+                    # come back once they hold it, so new rollouts use the new weights.
+                    self.landing = asyncio.create_task(self.land(self.version, source, groups))
+                else:
+                    self.release(groups + await self.dropped_groups())
+            finally:
+                await acked  # also when the publish failed: a resumed run must not train this batch again
             row["buffer_size"] = self.buffer_size
             if step % self.cfg.eval_every == 0 or last:
                 row["eval_accuracy"] = await self.evaluate()

@@ -103,3 +103,20 @@ def test_grpo_temperature_reaches_the_trainer():
     assert cfg.grpo.temperature == 0.7
     # a trainer reached by address has its own config: nothing to compare here
     assert load_config(RunConfig, tiny, ["grpo.temperature=0.7", "services.trainer.address=127.0.0.1:1"])
+
+
+def test_run_builds_the_configured_model_shape(tmp_path):
+    """`model.*` keys reach the tiny model a run builds; a changed shape rebuilds it."""
+    import json
+
+    from forgerpc.orchestrator.config import RunConfig
+    from forgerpc.orchestrator.run import prepare_model
+
+    def built(*overrides):
+        cfg = load_config(RunConfig, ROOT / "configs/grpo_tiny.yaml",
+                          ["model.hidden_size=32", "model.layers=1", "model.heads=2", "model.kv_heads=1", *overrides])
+        return json.loads((tmp_path / "model" / "config.json").read_text()) if prepare_model(cfg, tmp_path) else None
+
+    shape = built("model.intermediate_size=48")
+    assert (shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"]) == (32, 1, 48)
+    assert built()["intermediate_size"] == 64, "0 (the default) means 2 x hidden_size"

@@ -381,7 +381,8 @@ def bare_model(cfg, tmp: str):
 
     m = cfg.model
     path = make_tiny_model(tmp, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,
-                           num_kv_heads=m.kv_heads, intermediate_size=m.intermediate_size or 2 * m.hidden_size, seed=m.seed)
+                           num_kv_heads=m.kv_heads, intermediate_size=m.intermediate_size or 2 * m.hidden_size,
+                           seed=m.seed)
     model, tok = load_model(path)
     tok.padding_side = "left"
     return model, tok

@@ -108,14 +108,15 @@ def test_grpo_temperature_reaches_the_trainer():
 def test_run_builds_the_configured_model_shape(tmp_path):
     """`model.*` keys reach the tiny model a run builds; a changed shape rebuilds it."""
     import json
+    import pathlib
 
     from forgerpc.orchestrator.config import RunConfig
     from forgerpc.orchestrator.run import prepare_model
 
     def built(*overrides):
-        cfg = load_config(RunConfig, ROOT / "configs/grpo_tiny.yaml",
-                          ["model.hidden_size=32", "model.layers=1", "model.heads=2", "model.kv_heads=1", *overrides])
-        return json.loads((tmp_path / "model" / "config.json").read_text()) if prepare_model(cfg, tmp_path) else None
+        small = ["model.hidden_size=32", "model.layers=1", "model.heads=2", "model.kv_heads=1"]
+        cfg = load_config(RunConfig, ROOT / "configs/grpo_tiny.yaml", [*small, *overrides])
+        return json.loads((pathlib.Path(prepare_model(cfg, tmp_path)) / "config.json").read_text())
 
     shape = built("model.intermediate_size=48")
     assert (shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"]) == (32, 1, 48)

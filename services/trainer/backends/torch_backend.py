@@ -248,29 +248,34 @@ class TorchBackend:
         computed = losses.group_advantages(rewards, ids, normalize_std=self.cfg.loss.normalize_std)
         return torch.tensor([a if a is not None else c for a, c in zip(given, computed.tolist())])
 
-    def _batch(self, chunk: list[Sample]):
+    def _batch(self, chunk: list[Sample], inputs: bool = True):
         """Left-pads prompts and right-pads responses so all responses start at column P = max prompt length.
 
         Returns input_ids, attention_mask, position_ids (b, P + R); targets, gen_logprobs, mask (b, R).
+        With inputs=False (the shared-prompt path builds its own) the first three are None.
         """
-        P = max(len(s.prompt) for s in chunk)
+        P = max(len(s.prompt) for s in chunk) if inputs else 0
         R = max(len(s.response) for s in chunk)
         # Rows are built as Python lists and converted once: one torch.tensor per batch, not four
         # per sample (512 small-tensor creations for a 128-episode batch cost ~5-10 ms on CPU).
         ids, attn, gen, mask = [], [], [], []
         for s in chunk:
             p, r = len(s.prompt), len(s.response)
-            ids.append([self.pad_id] * (P - p) + list(s.prompt) + list(s.response) + [self.pad_id] * (R - r))
-            attn.append([0] * (P - p) + [1] * (p + r) + [0] * (R - r))
+            prompt = [self.pad_id] * (P - p) + list(s.prompt) if inputs else []
+            ids.append(prompt + list(s.response) + [self.pad_id] * (R - r))
+            if inputs:
+                attn.append([0] * (P - p) + [1] * (p + r) + [0] * (R - r))
             gen.append(list(s.generator_logprobs) + [0.0] * (R - r))
             mask.append(list(s.mask) + [0.0] * (R - r))
         ids = torch.tensor(ids, dtype=torch.long)
-        attn = torch.tensor(attn, dtype=torch.long)
         gen = torch.tensor(gen, dtype=torch.float32)
         mask = torch.tensor(mask, dtype=torch.float32)
+        d = self.device
+        if not inputs:
+            return None, None, None, ids.to(d), gen.to(d), mask.to(d)
+        attn = torch.tensor(attn, dtype=torch.long)
         # Positions count real tokens only, so a left-padded prompt sees the positions the generator saw.
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        d = self.device
         return ids.to(d), attn.to(d), positions.to(d), ids[:, P:].to(d), gen.to(d), mask.to(d)
 
     def _logprobs(self, model, ids, attn, positions, targets, temperature: float = 1.0):
@@ -349,9 +354,9 @@ class TorchBackend:
         return losses.token_logprobs_and_entropy(logits, targets, temperature)
 
     def _micro_batch(self, chunk: list[Sample], adv: torch.Tensor, objective: str, counts: dict):
-        ids, attn, positions, targets, gen, mask = self._batch(chunk)
         temperature = 1.0 if objective == "sft" else self.cfg.loss.temperature
         shared = None if objective == "sft" else self._shared_prompts(chunk)
+        ids, attn, positions, targets, gen, mask = self._batch(chunk, inputs=shared is None)
         if shared is not None:
             logprobs = lambda model: self._shared_logprobs(model, shared, targets, temperature)  # noqa: E731
         else:

@@ -95,9 +95,9 @@ class SlotKVForward:
 
         One gather and one scatter per layer and cache, whatever the number of slots: a copy_
         per slot and layer (the old way, with the prefill's copies to the n - 1 other samples)
-        was a fifth of the generator's CPU in a grpo_tiny run (bench/README.md). Positions past a slot's own length carry junk either way
-        (decode masks them). The sources are gathered before anything is written, so src and
-        dst may overlap.
+        was a fifth of the generator's CPU in a grpo_tiny run (bench/README.md). Positions past a
+        slot's own length carry junk either way (decode masks them). The sources are gathered
+        before anything is written, so src and dst may overlap.
         """
         if not src:
             return

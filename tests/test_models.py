@@ -16,10 +16,12 @@ def test_tiny_model_is_an_ordinary_hf_directory(tmp_path, arch):
     assert (path / "config.json").is_file() and any(path.glob("*.safetensors"))
     model, tokenizer = load_model(path)
     assert model.config.model_type == arch and model.config.num_hidden_layers == 3
-    ids = tokenizer.encode("Hi, 2+2=4!\n")
-    assert len(ids) == 11 and tokenizer.decode(ids) == "Hi, 2+2=4!\n"  # one token per character
+    ids = tokenizer.encode("Hi, 2+2=4!\n")  # BOS, then one token per character
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == 12
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Hi, 2+2=4!\n"
+    assert tokenizer.encode("Hi, 2+2=4!\n", add_special_tokens=False) == ids[1:]  # a response text: no BOS
     logits = model(torch.tensor([ids])).logits
-    assert logits.shape == (1, 11, len(tokenizer)) and torch.isfinite(logits).all()
+    assert logits.shape == (1, 12, len(tokenizer)) and torch.isfinite(logits).all()
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                          tokenize=False)
     assert chat.endswith("<s>assistant\n") and "user\nhi" in chat

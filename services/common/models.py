@@ -30,13 +30,20 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def make_tokenizer(path: str | pathlib.Path):
-    """A character-level tokenizer (one token per printable ASCII char) saved at `path`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level tokenizer (one token per printable ASCII char) saved at `path`.
+
+    Like Llama's, it starts an encoded text with BOS (`add_special_tokens=False` leaves it out, as
+    for response texts). The tiny model needs the anchor: with BOS, SFT on 3-digit addition breaks
+    through in fewer steps (bench/README.md, "A BOS token").
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",

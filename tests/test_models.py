@@ -25,6 +25,10 @@ def test_tiny_model_is_an_ordinary_hf_directory(tmp_path, arch):
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                          tokenize=False)
     assert chat.endswith("<s>assistant\n") and "user\nhi" in chat
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    assert chat_ids[0] == tokenizer.bos_token_id != chat_ids[1], "the template's own <s>, not a second BOS"
+    assert chat_ids.count(tokenizer.bos_token_id) == 2  # the user turn's and the assistant turn's
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):

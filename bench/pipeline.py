@@ -385,7 +385,7 @@ def bare_model(cfg, tmp: str, **hf_overrides):
     m = cfg.model
     path = make_tiny_model(tmp, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,
                            num_kv_heads=m.kv_heads, intermediate_size=m.intermediate_size or 2 * m.hidden_size,
-                           seed=m.seed, **hf_overrides)
+                           seed=m.seed, bos=m.bos, **hf_overrides)
     model, tok = load_model(path)
     tok.padding_side = "left"
     return model, tok

@@ -134,6 +134,7 @@ class ModelConfig(Config):
     heads: int = Field(default=4, gt=0)
     kv_heads: int = Field(default=2, gt=0)
     intermediate_size: int = Field(default=0, ge=0)  # the MLP's width; 0 = 2 x hidden_size
+    bos: bool = False  # the tiny tokenizer puts BOS before each prompt, as Llama's does
     seed: int = 0
 
 

@@ -76,7 +76,8 @@ def prepare_model(cfg: RunConfig, run_dir: pathlib.Path) -> str:
         subprocess.run([sys.executable, "-m", "forgerpc.services.common.models", "tiny", str(path),
                         "--arch", m.arch, "--hidden-size", str(m.hidden_size), "--layers", str(m.layers),
                         "--heads", str(m.heads), "--kv-heads", str(m.kv_heads),
-                        "--intermediate-size", str(m.intermediate_size), "--seed", str(m.seed)],
+                        "--intermediate-size", str(m.intermediate_size), "--seed", str(m.seed),
+                        *(["--bos"] if m.bos else [])],
                        check=True, capture_output=True)
         stamp.write_text(cfg.model.model_dump_json())
     return str(path)

@@ -16,19 +16,13 @@ def test_tiny_model_is_an_ordinary_hf_directory(tmp_path, arch):
     assert (path / "config.json").is_file() and any(path.glob("*.safetensors"))
     model, tokenizer = load_model(path)
     assert model.config.model_type == arch and model.config.num_hidden_layers == 3
-    ids = tokenizer.encode("Hi, 2+2=4!\n")  # BOS, then one token per character
-    assert ids[0] == tokenizer.bos_token_id and len(ids) == 12
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "Hi, 2+2=4!\n"
-    assert tokenizer.encode("Hi, 2+2=4!\n", add_special_tokens=False) == ids[1:]  # a response text: no BOS
+    ids = tokenizer.encode("Hi, 2+2=4!\n")
+    assert len(ids) == 11 and tokenizer.decode(ids) == "Hi, 2+2=4!\n"  # one token per character
     logits = model(torch.tensor([ids])).logits
-    assert logits.shape == (1, 12, len(tokenizer)) and torch.isfinite(logits).all()
+    assert logits.shape == (1, 11, len(tokenizer)) and torch.isfinite(logits).all()
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                          tokenize=False)
     assert chat.endswith("<s>assistant\n") and "user\nhi" in chat
-    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)
-    assert chat_ids[0] == tokenizer.bos_token_id != chat_ids[1], "the template's own <s>, not a second BOS"
-    assert chat_ids.count(tokenizer.bos_token_id) == 2  # the user turn's and the assistant turn's
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
@@ -78,3 +72,17 @@ def test_smollm2_converts_once_and_loads(tmp_path):
                                         add_generation_prompt=True, tokenize=True)["input_ids"]
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, len(ids):])
+
+
+def test_bos_tokenizer_starts_prompts_with_bos_only(tmp_path):
+    # bos=True (config `model.bos`): prompts start with BOS like Llama's; response texts
+    # (add_special_tokens=False) and the chat template (which writes its own <s>) get none added.
+    _, tokenizer = load_model(make_tiny_model(tmp_path / "m", bos=True))
+    ids = tokenizer.encode("Hi, 2+2=4!\n")
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == 12
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Hi, 2+2=4!\n"
+    assert tokenizer.encode("Hi, 2+2=4!\n", add_special_tokens=False) == ids[1:]
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    assert chat_ids[0] == tokenizer.bos_token_id != chat_ids[1], "the template's own <s>, not a second BOS"
+    assert chat_ids.count(tokenizer.bos_token_id) == 2  # the user turn's and the assistant turn's

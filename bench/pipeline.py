@@ -375,17 +375,14 @@ def bare_grpo_step(model, tok, optimizer, prompts: list[str], group: int, temper
             "rewards": rewards}
 
 
-def bare_model(cfg, tmp: str, **hf_overrides):
-    """CONFIG's model, random-initialized through the real loading code, and its tokenizer (left padding).
-
-    `hf_overrides` go to the HF config (make_tiny_model's `config_overrides`), e.g. rope_theta=100.
-    """
+def bare_model(cfg, tmp: str):
+    """CONFIG's model, random-initialized through the real loading code, and its tokenizer (left padding)."""
     from forgerpc.services.common.models import load_model, make_tiny_model
 
     m = cfg.model
     path = make_tiny_model(tmp, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.layers, num_heads=m.heads,
                            num_kv_heads=m.kv_heads, intermediate_size=m.intermediate_size or 2 * m.hidden_size,
-                           seed=m.seed, bos=m.bos, **hf_overrides)
+                           seed=m.seed, bos=m.bos)
     model, tok = load_model(path)
     tok.padding_side = "left"
     return model, tok

@@ -121,8 +121,9 @@ def test_run_builds_the_configured_model_shape(tmp_path):
     shape = built("model.intermediate_size=48")
     assert (shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"]) == (32, 1, 48)
     assert built()["intermediate_size"] == 64, "0 (the default) means 2 x hidden_size"
+    built("model.bos=false")
     tokenizer = json.loads((tmp_path / "model" / "tokenizer.json").read_text())
     assert "<s>" not in json.dumps(tokenizer["post_processor"]), "no BOS unless model.bos is set"
-    built("model.bos=true")  # a changed setting rebuilds the model with the BOS tokenizer
+    built("model.bos=true")  # a changed setting rebuilds the model with the BOS tokenizer (grpo_tiny's)
     tokenizer = json.loads((tmp_path / "model" / "tokenizer.json").read_text())
     assert tokenizer["post_processor"]["single"][0] == {"SpecialToken": {"id": "<s>", "type_id": 0}}

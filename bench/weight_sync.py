@@ -1,8 +1,8 @@
 """Weight sync benchmark: how close the weight store gets to memcpy (same host) and raw gRPC.
 
     .venv/bin/python bench/weight_sync.py --sizes 135m    # quick run (~1.5 min)
-    .venv/bin/python bench/weight_sync.py                 # 135M and 1.7B: needs ~14 GB free RAM,
-                                                          # so not on a shared 24 GB dev machine
+    .venv/bin/python bench/weight_sync.py                 # 135M and 1.7B: needs ~14 GB free RAM
+                                                          # (~4 min on an idle 2-core, 24 GB VM)
     bash bench/gpu_check.sh                               # on a lent GPU machine (see the script)
 
 For each model size (synthetic bf16 tensors with the layer shapes of SmolLM2-135M / -1.7B, both

@@ -455,6 +455,7 @@ def main() -> int:
                    help="torch threads of the bare loop and of the service run's generator and trainer "
                         "(0 = as CONFIG says; 1 on a loaded machine, where 2-thread GEMMs stall)")
     p.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
+    p.add_argument("--out", default=str(OUT), help="results file (parts not run keep the figures it holds)")
     p.add_argument("--profile", type=pathlib.Path, help="cProfile the orchestrator of the null rollout path to FILE")
     p.add_argument("--profile-services", type=pathlib.Path, metavar="DIR",
                    help="cProfile every service of the null rollout path to DIR/<service>-<pid>.prof")
@@ -470,7 +471,8 @@ def main() -> int:
     grpo = load_config(RunConfig, args.config).grpo
     batch = grpo.prompts_per_step * grpo.group_size
     work = pathlib.Path(tempfile.mkdtemp(prefix="forgerpc-pipeline-"))
-    result = json.loads(OUT.read_text()) if OUT.is_file() else {}  # parts not run keep their last figures
+    out = pathlib.Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}  # parts not run keep their last figures
     result.update(date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), machine=platform.machine(),
                   cpus=os.cpu_count(), quick=args.quick, config=os.path.relpath(args.config, ROOT))
     try:
@@ -509,16 +511,18 @@ def main() -> int:
             result["async_speedup"] = round(s["async"]["episodes_per_s"] / s["sync"]["episodes_per_s"], 3)
             result["ideal_async_speedup"] = s["ideal_async_speedup"]
             print("staleness", json.dumps(s), flush=True)
-        if result.get("bare_episodes_per_s") and result.get("service_episodes_per_s"):
+        if {"bare", "service"} <= parts:  # a ratio of the same run only: machines differ 3x between days
             result["service_vs_bare"] = round(result["service_episodes_per_s"] / result["bare_episodes_per_s"], 3)
+        elif parts & {"bare", "service"}:
+            result.pop("service_vs_bare", None)
         result["load_average_end"] = os.getloadavg()
     finally:
         if args.keep:
             print(f"run directories: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     keys = ("null_episodes_per_s", "bare_episodes_per_s", "service_episodes_per_s", "service_vs_bare",
             "sync_episodes_per_s", "async_episodes_per_s", "async_speedup", "ideal_async_speedup")
     print(json.dumps({k: result.get(k) for k in keys}, indent=2))

@@ -160,6 +160,7 @@ class GRPO:
             elapsed = time.time() - self.started
             row = {"phase": "grpo", "step": step, "version": self.version, "trainer_step": result.step,
                    "loss": result.loss, "kl": result.kl, "train_seconds": result.step_seconds,
+                   "entropy": result.entropy, "clip_fraction": result.clip_fraction,
                    "reward_mean": statistics.fmean(e.reward for e in batch.episodes),
                    # Episodes of groups with all-equal rewards: no gradient (the trainer skips them).
                    "zero_advantage": statistics.fmean(e.advantage == 0 for e in batch.episodes),

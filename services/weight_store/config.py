@@ -29,5 +29,6 @@ class WeightStoreConfig(ServiceConfig):
     # A lease or an upload not released/committed within this time is reclaimed (crashed client).
     lease_ttl_seconds: float = Field(default=300.0, gt=0)
     upload_ttl_seconds: float = Field(default=600.0, gt=0)
-    # Threads that verify checksums of shared-memory uploads (xxh3 releases the GIL).
+    # Threads that verify checksums of shared-memory uploads (xxh3 releases the GIL) and that
+    # allocate the pages of a new segment.
     verify_threads: int = Field(default=2, ge=1, le=64)

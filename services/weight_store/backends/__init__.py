@@ -10,7 +10,7 @@ def make_backend(cfg) -> Backend:
     """The backend named by `cfg.backend` (imports only the one chosen)."""
     if cfg.backend == "shm":
         from forgerpc.services.weight_store.backends.shm import SharedMemoryBackend
-        return SharedMemoryBackend(cfg.shm_prefix, cfg.spare_segments)
+        return SharedMemoryBackend(cfg.shm_prefix, cfg.spare_segments, cfg.verify_threads)
     if cfg.backend == "memory":
         from forgerpc.services.weight_store.backends.memory import MemoryBackend
         return MemoryBackend()

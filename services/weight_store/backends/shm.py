@@ -14,10 +14,13 @@ and never touches those of a live store sharing the prefix.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import mmap
 import os
 import secrets
+import threading
 
 SHM_DIR = "/dev/shm"
 log = logging.getLogger("forgerpc.weight_store.shm")
@@ -33,6 +36,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def populate(region: mmap.mmap, size: int, threads: int) -> None:
+    """Allocates every page of a new segment now, in `threads` parallel slices, instead of one
+    fault per 4 KiB page during the first upload into it.
+
+    MAP_POPULATE does the same in one thread: 6.25 s for 3.42 GB (a 1.7B bf16 model) on a 2-core
+    VM, against 1.84 s for MADV_POPULATE_WRITE in two threads (bench/README.md, 2026-11-28).
+    On a kernel without it (EINVAL) the pages are left to fault in on first use.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    anchor = ctypes.c_char.from_buffer(region)
+    base = ctypes.addressof(anchor)
+    del anchor  # the mapping can be closed later
+    step = -(-size // max(threads, 1) // mmap.PAGESIZE) * mmap.PAGESIZE  # page-aligned slices
+    failed: list[int] = []
+
+    def run(lo: int) -> None:
+        if madvise(base + lo, min(step, size - lo), MADV_POPULATE_WRITE) != 0:  # ctypes drops the GIL
+            failed.append(ctypes.get_errno())
+
+    workers = [threading.Thread(target=run, args=(lo,)) for lo in range(step, size, step)]
+    for w in workers:
+        w.start()
+    run(0)
+    for w in workers:
+        w.join()
+    if any(e != errno.EINVAL for e in failed):
+        raise OSError(failed[0], f"madvise(MADV_POPULATE_WRITE): {os.strerror(failed[0])}")
+
+
 class ShmBlob:
     """A segment of `size` bytes mapped read-write into the store."""
 
@@ -44,8 +81,8 @@ class ShmBlob:
         try:
             os.ftruncate(fd, size)
             # mmap cannot map 0 bytes; an empty version still gets a (1-byte) segment.
-            # MAP_POPULATE: allocate all pages now, in bulk, instead of one fault per 4 KiB.
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED)
+            populate(self._mmap, max(size, 1), backend.populate_threads)
         except BaseException:
             os.unlink(self.path)
             raise
@@ -78,9 +115,10 @@ class ShmBlob:
 class SharedMemoryBackend:
     shared_memory = True
 
-    def __init__(self, prefix: str, spare_segments: int = 2):
+    def __init__(self, prefix: str, spare_segments: int = 2, populate_threads: int = 2):
         self.prefix = prefix
         self.spare_segments = spare_segments
+        self.populate_threads = populate_threads
         self._blobs: set[ShmBlob] = set()
         self._spares: list[ShmBlob] = []
 

@@ -329,11 +329,11 @@ def test_hand_encoded_data_messages_are_valid_protobuf():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_a_new_segment_has_all_its_pages_before_the_first_upload(threads):
+async def test_a_new_segment_has_all_its_pages_before_the_first_upload(threads):
     from forgerpc.services.weight_store.backends.shm import SharedMemoryBackend
     backend = SharedMemoryBackend(f"wstest-populate-{os.getpid()}", spare_segments=0, populate_threads=threads)
     size = (24 << 20) + 12345  # not a multiple of the slices or of a page
-    blob = backend.allocate(size, "put")
+    blob = await backend.allocate(size, "put")
     try:
         assert os.stat(blob.path).st_blocks * 512 >= size  # tmpfs counts the pages it allocated
         blob.view[-1:] = b"\x07"

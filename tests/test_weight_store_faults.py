@@ -195,3 +195,27 @@ async def test_a_reader_that_hangs_up_mid_stream_releases_its_version(store_proc
         await call.aclose()
         assert (await c.delete_version(version=1)).deleted is True
         assert wait_until(lambda: segment not in segments(prefix))  # no reader holds it any more
+
+
+async def test_the_store_answers_while_it_allocates_a_segment_and_frees_one_nobody_waits_for(store_process):
+    """Populating a multi-GB segment takes seconds: it runs off the event loop, so other calls are
+    answered meanwhile; a caller that leaves before it is ready leaves no segment behind."""
+    prefix = f"wsfault-alloc-{os.getpid()}"
+    store = store_process(prefix)
+    async with WeightStoreClient(store.address, timeout=60) as c:
+        await publish(c, sd(), 1, transport="grpc")
+        held = segments(prefix)  # version 1's
+        allocation = asyncio.create_task(c.allocate_upload(total_bytes=4 << 30))
+        await asyncio.sleep(0.05)
+        assert [v.version for v in (await c.list_versions()).versions] == [1]
+        assert not allocation.done()  # answered while the 4 GiB segment was still being populated
+        upload = await allocation
+        assert segments(prefix) == held | {upload.segment_name}
+        os.unlink(f"/dev/shm/{upload.segment_name}")  # (the store frees it by TTL; not needed here)
+
+        left = asyncio.create_task(c.allocate_upload(total_bytes=4 << 30))
+        await asyncio.sleep(0.05)
+        left.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        assert wait_until(lambda: segments(prefix) == held, timeout=60)

@@ -130,7 +130,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
                         f"must equal the upload's size {blob.size}")
                 await self._verify_upload(stream, blob, h.manifest)
             else:
-                blob = self.catalog.backend.allocate(total, "put")
+                blob = await self.catalog.backend.allocate(total, "put")
                 await self._receive(stream, blob, h.manifest)
             meta = common_pb2.WeightVersion(version=h.version, producer=h.producer, step=h.step)
             version = await self.catalog.publish(meta, h.manifest, blob)
@@ -179,7 +179,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
                                       f"backend '{self.cfg.backend}' has no shared memory; upload over gRPC")
         require(0 < request.total_bytes <= self.cfg.max_version_bytes, "total_bytes",
                 f"must be in (0, {self.cfg.max_version_bytes}]")
-        upload = self.catalog.allocate_upload(request.total_bytes)
+        upload = await self.catalog.allocate_upload(request.total_bytes)
         return pb.AllocateUploadResponse(upload_id=upload.id, segment_name=upload.blob.segment_name)
 
     # -- Get --------------------------------------------------------------------------------------

@@ -323,8 +323,8 @@ class Catalog:
             version.blob.free()
 
     # -- shared-memory uploads and leases -------------------------------------------------------
-    def allocate_upload(self, size: int) -> Upload:
-        blob = self.backend.allocate(size, "upload")
+    async def allocate_upload(self, size: int) -> Upload:
+        blob = await self.backend.allocate(size, "upload")
         upload = Upload(secrets.token_hex(12), blob, time.monotonic() + self.cfg.upload_ttl_seconds)
         self.uploads[upload.id] = upload
         return upload

@@ -36,8 +36,11 @@ class Backend(Protocol):
     async def start(self) -> None:
         """Connects / reclaims leftovers of a crashed predecessor."""
 
-    def allocate(self, size: int, kind: str) -> Blob:
-        """A new writable blob of `size` bytes; `kind` ("upload", "put") only names it."""
+    async def allocate(self, size: int, kind: str) -> Blob:
+        """A new writable blob of `size` bytes; `kind` ("upload", "put") only names it.
+
+        Slow work (allocating the pages of a new multi-GB segment takes seconds) runs off the
+        event loop, so the store keeps answering health checks and readers meanwhile."""
 
     async def seal(self, key: str, blob: Blob) -> Blob:
         """Makes a verified blob the stored copy of version `key`; returns what readers use."""

@@ -32,7 +32,7 @@ class MemoryBackend:
     async def start(self) -> None:
         pass
 
-    def allocate(self, size: int, kind: str) -> HeapBlob:
+    async def allocate(self, size: int, kind: str) -> HeapBlob:
         return HeapBlob(size, self._blobs)
 
     async def seal(self, key: str, blob: HeapBlob) -> HeapBlob:

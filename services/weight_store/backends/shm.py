@@ -14,6 +14,7 @@ and never touches those of a live store sharing the prefix.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import logging
@@ -73,7 +74,7 @@ def populate(region: mmap.mmap, size: int, threads: int) -> None:
 class ShmBlob:
     """A segment of `size` bytes mapped read-write into the store."""
 
-    def __init__(self, name: str, size: int, backend: "SharedMemoryBackend"):
+    def __init__(self, name: str, size: int, populate_threads: int):
         self.segment_name = name
         self.size = size
         self.path = os.path.join(SHM_DIR, name)
@@ -82,19 +83,21 @@ class ShmBlob:
             os.ftruncate(fd, size)
             # mmap cannot map 0 bytes; an empty version still gets a (1-byte) segment.
             self._mmap: mmap.mmap | None = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED)
-            populate(self._mmap, max(size, 1), backend.populate_threads)
+            populate(self._mmap, max(size, 1), populate_threads)
         except BaseException:
             os.unlink(self.path)
             raise
         finally:
             os.close(fd)
         self.view = memoryview(self._mmap)[:size]
-        self._backend = backend
-        backend._blobs.add(self)
+        self._backend: SharedMemoryBackend | None = None  # set by SharedMemoryBackend.allocate
 
     def free(self) -> None:
         """Back to the backend's spare pool, or destroyed."""
-        self._backend._recycle(self)
+        if self._backend is None:
+            self.destroy()
+        else:
+            self._backend._recycle(self)
 
     def destroy(self) -> None:
         if self._mmap is None:
@@ -109,7 +112,8 @@ class ShmBlob:
         except BufferError:  # a slice is still referenced; the mapping goes with it (name is gone)
             pass
         self._mmap = None
-        self._backend._blobs.discard(self)
+        if self._backend is not None:
+            self._backend._blobs.discard(self)
 
 
 class SharedMemoryBackend:
@@ -119,6 +123,7 @@ class SharedMemoryBackend:
         self.prefix = prefix
         self.spare_segments = spare_segments
         self.populate_threads = populate_threads
+        self._closed = False
         self._blobs: set[ShmBlob] = set()
         self._spares: list[ShmBlob] = []
 
@@ -129,13 +134,25 @@ class SharedMemoryBackend:
         if reclaimed:
             log.warning("reclaimed %d orphaned segments of dead stores: %s", len(reclaimed), reclaimed[:5])
 
-    def allocate(self, size: int, kind: str) -> ShmBlob:
+    async def allocate(self, size: int, kind: str) -> ShmBlob:
         for blob in self._spares:
             if blob.size == size:
                 self._spares.remove(blob)
                 return blob
         name = f"{self.prefix}.{os.getpid()}.{kind}-{secrets.token_hex(8)}"
-        return ShmBlob(name, size, self)
+        # Populating a new segment takes seconds for GBs (4-5 s for 3.42 GB here): off the loop.
+        created = asyncio.get_running_loop().run_in_executor(None, ShmBlob, name, size, self.populate_threads)
+        try:
+            blob = await asyncio.shield(created)
+        except asyncio.CancelledError:  # the caller left; the segment is freed once it exists
+            created.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().destroy())
+            raise
+        if self._closed:  # the store stopped meanwhile: nothing may outlive close()
+            blob.destroy()
+            raise RuntimeError("the shared-memory backend is closed")
+        blob._backend = self
+        self._blobs.add(blob)  # registered on the loop thread, where close() iterates
+        return blob
 
     def _recycle(self, blob: ShmBlob) -> None:
         if blob._mmap is None or blob in self._spares:
@@ -151,6 +168,7 @@ class SharedMemoryBackend:
         return blob.view
 
     async def close(self) -> None:
+        self._closed = True
         self._spares.clear()
         for blob in list(self._blobs):
             blob.destroy()

@@ -47,7 +47,7 @@ class TorchStoreBackend:
     async def start(self) -> None:
         await self.ts.initialize()
 
-    def allocate(self, size: int, kind: str) -> HeapBlob:
+    async def allocate(self, size: int, kind: str) -> HeapBlob:
         return HeapBlob(size, self._blobs)  # staging; bytes move into TorchStore on seal
 
     async def seal(self, key: str, blob: HeapBlob) -> TorchStoreBlob:

@@ -160,7 +160,6 @@ class GRPO:
             elapsed = time.time() - self.started
             row = {"phase": "grpo", "step": step, "version": self.version, "trainer_step": result.step,
                    "loss": result.loss, "kl": result.kl, "train_seconds": result.step_seconds,
-                   "entropy": result.entropy, "clip_fraction": result.clip_fraction,
                    "reward_mean": statistics.fmean(e.reward for e in batch.episodes),
                    # Episodes of groups with all-equal rewards: no gradient (the trainer skips them).
                    "zero_advantage": statistics.fmean(e.advantage == 0 for e in batch.episodes),
@@ -170,6 +169,8 @@ class GRPO:
                    "episodes_per_s": self.metrics.counts.get("episodes", 0) / elapsed,
                    "tokens_per_s": self.metrics.counts.get("tokens", 0) / elapsed,
                    "time": time.time()}
+            if result.tokens:  # over the episodes that carried a gradient; none when all had advantage 0
+                row |= {"entropy": result.entropy, "clip_fraction": result.clip_fraction}
             groups = len({e.group_id for e in batch.episodes})
             # The budget runs from the baseline eval (the step-0 row), like bench/learning.py's clock.
             last = step == self.cfg.steps or 0 < self.cfg.max_seconds <= row["time"] - self.budget_start

@@ -10,6 +10,9 @@ PLOTS = {  # file name -> (title, metric keys)
     "eval_accuracy.png": ("held-out eval accuracy (greedy)", ["eval_accuracy"]),
     "loss.png": ("loss", ["loss"]),
     "kl.png": ("KL to reference", ["kl"]),
+    # Mean token entropy of the episodes that carried a gradient: a policy that stops exploring
+    # shows here before the reward flattens.
+    "entropy.png": ("policy entropy (nats/token)", ["entropy"]),
     "staleness.png": ("staleness (versions)", ["staleness"]),
     "throughput.png": ("episodes/s", ["episodes_per_s"]),
 }

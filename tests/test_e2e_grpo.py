@@ -106,6 +106,8 @@ def test_dynamic_sampling_ppo_epochs_and_batched_rollouts(tmp_path):
     steps = [r for r in rows if r.get("phase") == "grpo" and r["step"] > 0]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["zero_advantage"] == 0.0 for r in steps), "an all-equal group reached the trainer"
+    assert all(r["entropy"] > 0 and 0 <= r["clip_fraction"] <= 1 for r in steps)  # the trainer's, per step
+    assert (tmp_path / "entropy.png").stat().st_size > 1000
     assert steps[-1]["groups_dropped"] > 0
     assert 0 < steps[-1]["reward_mean"] < 1
     assert [r["trainer_step"] for r in steps] == [2, 4, 6]

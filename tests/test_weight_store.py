@@ -341,3 +341,28 @@ async def test_a_new_segment_has_all_its_pages_before_the_first_upload(threads):
     finally:
         blob.free()
     assert not os.path.exists(blob.path)
+
+
+async def test_a_full_dev_shm_is_resource_exhausted_not_a_crash(tmp_path, monkeypatch):
+    """A full tmpfs makes MADV_POPULATE_WRITE fail (MAP_POPULATE used to succeed silently, and the
+    first write then killed the writer with SIGBUS): populate raises, allocate says RESOURCE_EXHAUSTED."""
+    import subprocess
+
+    from forgerpc.services.common.errors import ServiceError
+    from forgerpc.services.weight_store.backends import shm
+    small = tmp_path / "tmpfs"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        monkeypatch.setattr(shm, "SHM_DIR", str(small))
+        backend = shm.SharedMemoryBackend(f"wstest-full-{os.getpid()}", spare_segments=0)
+        with pytest.raises(ServiceError) as e:
+            await backend.allocate(32 << 20, "put")
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "32" in str(e.value)
+        assert os.listdir(small) == []  # the half-made segment is gone
+        ok = await backend.allocate(4 << 20, "put")  # what fits still works
+        ok.free()
+        await backend.close()
+    finally:
+        subprocess.run(["umount", str(small)])

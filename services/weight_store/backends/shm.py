@@ -23,6 +23,8 @@ import os
 import secrets
 import threading
 
+from forgerpc.services.common.errors import resource_exhausted
+
 SHM_DIR = "/dev/shm"
 log = logging.getLogger("forgerpc.weight_store.shm")
 
@@ -46,7 +48,9 @@ def populate(region: mmap.mmap, size: int, threads: int) -> None:
 
     MAP_POPULATE does the same in one thread: 6.25 s for 3.42 GB (a 1.7B bf16 model) on a 2-core
     VM, against 1.84 s for MADV_POPULATE_WRITE in two threads (bench/README.md, 2026-11-28).
-    On a kernel without it (EINVAL) the pages are left to fault in on first use.
+    On a kernel without it (EINVAL) the pages are left to fault in on first use. Raises OSError
+    when a page cannot be had (a full /dev/shm: EFAULT), which MAP_POPULATE ignored, leaving the
+    first writer to die of SIGBUS.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     madvise = libc.madvise
@@ -86,6 +90,8 @@ class ShmBlob:
             populate(self._mmap, max(size, 1), populate_threads)
         except BaseException:
             os.unlink(self.path)
+            if getattr(self, "_mmap", None) is not None:
+                self._mmap.close()  # its pages go now, not when the traceback is collected
             raise
         finally:
             os.close(fd)
@@ -147,6 +153,10 @@ class SharedMemoryBackend:
         except asyncio.CancelledError:  # the caller left; the segment is freed once it exists
             created.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().destroy())
             raise
+        except OSError as e:  # e.g. /dev/shm full: madvise fails (EFAULT) where MAP_POPULATE gave a SIGBUS later
+            raise resource_exhausted("SHARED_MEMORY_FULL", f"could not allocate a {size}-byte segment in {SHM_DIR}: "
+                                     f"{e.strerror or e}; free space there (df {SHM_DIR}) or lower retain_versions",
+                                     bytes=str(size)) from None
         if self._closed:  # the store stopped meanwhile: nothing may outlive close()
             blob.destroy()
             raise RuntimeError("the shared-memory backend is closed")

@@ -365,4 +365,4 @@ async def test_a_full_dev_shm_is_resource_exhausted_not_a_crash(tmp_path, monkey
         ok.free()
         await backend.close()
     finally:
-        subprocess.run(["umount", str(small)])
+        subprocess.run(["umount", "--lazy", str(small)])  # lazy: gone even if a mapping lingers

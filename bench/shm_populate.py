@@ -25,21 +25,14 @@ import os
 import threading
 import time
 
+from forgerpc.clients.weights_shm import buffer_address
 from forgerpc.services.weight_store.backends.shm import populate
 
 PIECE = 4 << 20
 
 
-def address(region: mmap.mmap) -> int:
-    anchor = ctypes.c_char.from_buffer(region)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor
-
-
 def write_all(region: mmap.mmap, size: int, threads: int = 2) -> float:
-    base, source = address(region), bytes(PIECE)
+    base, source = buffer_address(region), bytes(PIECE)
     pieces = list(range(0, size, PIECE))
 
     def run(part):

@@ -23,6 +23,7 @@ import os
 import secrets
 import threading
 
+from forgerpc.clients.weights_shm import buffer_address
 from forgerpc.services.common.errors import resource_exhausted
 
 SHM_DIR = "/dev/shm"
@@ -55,9 +56,7 @@ def populate(region: mmap.mmap, size: int, threads: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    anchor = ctypes.c_char.from_buffer(region)
-    base = ctypes.addressof(anchor)
-    del anchor  # the mapping can be closed later
+    base = buffer_address(region)
     step = -(-size // max(threads, 1) // mmap.PAGESIZE) * mmap.PAGESIZE  # page-aligned slices
     failed: list[int] = []
 

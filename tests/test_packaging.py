@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -47,8 +48,16 @@ def test_sdk_imports_without_torch():
 def test_built_wheel_installs_and_runs(tmp_path):
     """Build a wheel, install it (without deps) into a fresh venv that borrows this venv's
     dependencies via a .pth line, and run `forgerpc --help` from outside the repo."""
+    # Built from a copy of the tracked files: building in ROOT writes build/ and *.egg-info there,
+    # which `make test` would race with .venv-vllm's editable install running beside this suite.
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)],
                    check=True, capture_output=True)
     wheel = next(dist.glob("forgerpc-*.whl"))
     venv = tmp_path / "venv"

@@ -148,6 +148,9 @@ class RunConfig(StackConfig):
     # decision through the traceparent it receives). Tracing each call costs ~25% of the
     # framework's CPU in a busy loop (bench/pipeline.py), so big runs keep a sample.
     trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    # OTLP/gRPC endpoint (e.g. http://otel-collector:4317) for the traces and metrics of every
+    # process, besides the run directory's files; empty: OTEL_EXPORTER_OTLP_ENDPOINT if set.
+    otlp_endpoint: str = ""
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     sft: SFTConfig = SFTConfig()

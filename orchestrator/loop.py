@@ -14,13 +14,14 @@ import statistics
 import time
 from typing import Callable
 
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 
 from forgerpc.clients import ChannelSettings, GeneratorClient, ReplayBufferClient, ReplicaGroup, RewardClient, TrainerClient
 from forgerpc.v1 import common_pb2, reward_pb2
 
 log = logging.getLogger("forgerpc.apps")
 tracer = trace.get_tracer("forgerpc.orchestrator")
+meter = metrics.get_meter("forgerpc.orchestrator")
 
 
 def current_traceparent() -> str:
@@ -82,7 +83,16 @@ class Services:
 
 
 class Metrics:
-    """Phase timers and counters; one JSON line per training step in run_dir/metrics.jsonl."""
+    """Phase timers and counters; one JSON line per training step in run_dir/metrics.jsonl.
+
+    The same figures go to OpenTelemetry (exported when `forgerpc run` set up a meter provider):
+    each phase's duration is the histogram `forgerpc.phase.duration` (s, attribute `phase`), each
+    count the counter `forgerpc.<name>`, and each numeric field of a row the gauge
+    `forgerpc.run.<field>` (attribute `phase`: sft or grpo), e.g. forgerpc.run.eval_accuracy.
+    """
+
+    phase_duration = meter.create_histogram("forgerpc.phase.duration", unit="s",
+                                            description="wall time of one named phase of the loop")
 
     def __init__(self, run_dir: pathlib.Path, on_row: Callable[[dict], None] | None = None):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +101,9 @@ class Metrics:
         self.on_row = on_row  # e.g. the live progress display
         self.seconds: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.counters: dict[str, metrics.Counter] = {}
+        self.gauges: dict[str, metrics.Gauge] = {}
+        self.phase_attributes: dict[str, dict] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str, links: list[trace.Link] | None = None):
@@ -98,14 +111,25 @@ class Metrics:
         start = time.perf_counter()
         with tracer.start_as_current_span(name, links=links):
             yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        attributes = self.phase_attributes.get(name) or self.phase_attributes.setdefault(name, {"phase": name})
+        self.phase_duration.record(seconds, attributes)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n
+        counter = self.counters.get(name) or self.counters.setdefault(name, meter.create_counter(f"forgerpc.{name}"))
+        counter.add(n)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        if "event" not in row:  # resume and other event rows are not measurements
+            attributes = {"phase": str(row.get("phase", ""))}
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "time":
+                    gauge = self.gauges.get(key) or self.gauges.setdefault(key, meter.create_gauge(f"forgerpc.run.{key}"))
+                    gauge.set(value, attributes)
         if self.on_row is not None:
             self.on_row(row)
 

@@ -43,7 +43,7 @@ from rich.console import Console
 
 from forgerpc.clients import ForgeRPCError
 from forgerpc.clients.config import dump_config
-from forgerpc.clients.telemetry import setup_tracing, shutdown_tracing
+from forgerpc.clients.telemetry import otlp_endpoint, setup_metrics, setup_tracing, shutdown_telemetry
 from forgerpc.orchestrator.config import RunConfig, ServiceEntry, StackConfig
 from forgerpc.orchestrator.grpo import GRPO
 from forgerpc.orchestrator.launcher import Stack
@@ -160,12 +160,18 @@ async def run(cfg: RunConfig, console: Console | None = None, resume: bool = Fal
     else:
         check_resumable(cfg, run_dir)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    # Traces of every process of the run, as JSON lines (services inherit the variable).
-    os.environ.setdefault("FORGERPC_TRACES", f"file:{run_dir / 'traces'}")
+    # Traces and OpenTelemetry metrics of every process of the run, as JSON lines in the run
+    # directory, and over OTLP too when an endpoint is configured (services inherit the variables).
+    if cfg.otlp_endpoint:
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = cfg.otlp_endpoint
+    for signal, directory in (("traces", "traces"), ("metrics", "otel-metrics")):
+        os.environ.setdefault(f"FORGERPC_{signal.upper()}",
+                              f"file:{run_dir / directory}" + (",otlp" if otlp_endpoint(signal) else ""))
     if cfg.trace_sample_ratio < 1:  # read by the OpenTelemetry SDK of every process
         os.environ.setdefault("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
         os.environ.setdefault("OTEL_TRACES_SAMPLER_ARG", str(cfg.trace_sample_ratio))
     setup_tracing("orchestrator")
+    setup_metrics("orchestrator")
     with contextlib.ExitStack() as exits:
         redis_url = cfg.redis_url
         if not redis_url and any(name in cfg.services for name in NEEDS_REDIS):
@@ -195,7 +201,7 @@ async def run(cfg: RunConfig, console: Console | None = None, resume: bool = Fal
                 progress.health = report
                 async with progress:
                     result.update(await run_app(cfg, stack.addresses, run_dir, resume, progress.update))
-    shutdown_tracing()
+    shutdown_telemetry()
     plots = write_plots(run_dir)
     console.print(summary_table(result))
     if plots:

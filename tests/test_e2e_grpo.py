@@ -70,6 +70,25 @@ def test_grpo_run_end_to_end(tmp_path):
     assert rollouts, sorted(map(sorted, services_of.values()))[:5]
     # ...and continues across Redis: each training step's span links to the rollouts it trained on.
     assert linked and linked <= rollouts, (len(linked), len(rollouts))
+    # OpenTelemetry metrics of every process, flushed at the end of the run: the orchestrator's
+    # phases, counters and row gauges; each service's inbound calls.
+    last = {}  # file stem (service) -> {metric name: its data points}, from the file's newest export
+    for f in (tmp_path / "otel-metrics").glob("*.jsonl"):
+        [resource] = json.loads(f.read_text().splitlines()[-1])["resource_metrics"]
+        last[f.name.rsplit("-", 1)[0]] = {m["name"]: m["data"]["data_points"]
+                                          for scope in resource["scope_metrics"] for m in scope["metrics"]}
+    assert set(last) == {"orchestrator", "generator", "reward", "replay_buffer", "trainer", "weight_store"}, set(last)
+    orch = last["orchestrator"]
+    phases = {p["attributes"]["phase"]: p["count"] for p in orch["forgerpc.phase.duration"]}
+    assert phases["train"] == 20 + 4 and phases["sft_batch"] == 20, phases  # SFT and GRPO steps
+    [episodes] = [p["value"] for p in orch["forgerpc.episodes"]]  # generated: rollouts run past the last row
+    assert episodes >= steps[-1]["episodes"] > 0
+    accuracy = {p["attributes"]["phase"]: p["value"] for p in orch["forgerpc.run.eval_accuracy"]}
+    assert accuracy == {"sft": sft[-1]["eval_accuracy"], "grpo": grpo[-1]["eval_accuracy"]}
+    assert {p["value"] for p in orch["forgerpc.run.version"] if p["attributes"]["phase"] == "grpo"} == {5}
+    trained = {p["attributes"]["rpc.method"]: p["count"] for p in last["trainer"]["rpc.server.duration"]
+               if p["attributes"]["rpc.grpc.status_code"] == 0}
+    assert trained["TrainStep"] == 20 + 4, trained
     assert (tmp_path / "redis").is_dir(), "the private Redis kept its data in the run directory"
     assert _ours(tmp_path) == set(), "service or Redis processes left behind"
 

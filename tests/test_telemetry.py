@@ -1,9 +1,14 @@
 """One trace follows a call across processes: client span -> server span (W3C traceparent)."""
 
+import asyncio
+import concurrent.futures
 import json
 import subprocess
 import sys
 import textwrap
+
+import grpc
+import pytest
 
 
 def _client_spans(serve_process, tmp_path, body: str) -> list[dict]:
@@ -60,3 +65,125 @@ def test_unsampled_trace_makes_no_server_span_and_a_sampled_one_does(serve_proce
     rollout = next(s for s in spans if s["name"] == "rollout")
     servers = [s for s in spans if s["name"] == "/forgerpc.v1.RewardService/Evaluate"]
     assert [s["context"]["trace_id"] for s in servers] == [rollout["context"]["trace_id"]]
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+def _reward_calls(address: str) -> None:
+    """Three Evaluate calls that succeed and one that is INVALID_ARGUMENT (no items)."""
+    from forgerpc.clients import ForgeRPCError, RewardClient
+    from forgerpc.v1.reward_pb2 import RewardItem
+
+    async def main():
+        async with RewardClient(address) as reward:
+            for _ in range(3):
+                await reward.evaluate(items=[RewardItem(response="a", target="a")])
+            try:
+                await reward.evaluate(items=[])
+            except ForgeRPCError:
+                pass
+
+    asyncio.run(main())
+
+
+def _durations(resource_metrics) -> dict[tuple[str, int], int]:
+    """(rpc.method, status code) -> call count, from the rpc.server.duration histogram
+    (cumulative: the newest export holds every call)."""
+    out = {}
+    for scope in resource_metrics["scope_metrics"]:
+        for metric in scope["metrics"]:
+            if metric["name"] == "rpc.server.duration":
+                assert metric["unit"] == "ms"
+                for point in metric["data"]["data_points"]:
+                    a = point["attributes"]
+                    assert a["rpc.system"] == "grpc" and a["rpc.service"] == "forgerpc.v1.RewardService"
+                    out[(a["rpc.method"], a["rpc.grpc.status_code"])] = point["count"]
+    return out
+
+
+def test_service_exports_rpc_durations_to_a_file_at_shutdown(serve_process, tmp_path):
+    # No periodic export in the test's time: what is in the file was flushed by the SIGTERM path.
+    proc = serve_process("reward", env={"FORGERPC_METRICS": f"file:{tmp_path / 'm'}",
+                                        "OTEL_METRIC_EXPORT_INTERVAL": "600000"})
+    _reward_calls(proc.address)
+    assert proc.terminate() < 5.0
+    [file] = (tmp_path / "m").glob("reward-*.jsonl")
+    exports = [json.loads(line) for line in file.read_text().splitlines()]
+    [resource] = exports[-1]["resource_metrics"]
+    assert resource["resource"]["attributes"]["service.name"] == "forgerpc-reward"
+    assert _durations(resource) == {("Evaluate", 0): 3, ("Evaluate", 3): 1}
+
+
+class _Collector:
+    """A minimal OTLP/gRPC collector (the opentelemetry-proto services) that keeps what arrives."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.spans, self.metrics = [], []
+        collector = self
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                collector.spans.append(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request, context):
+                collector.metrics.append(request)
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def test_otlp_endpoint_alone_sends_spans_and_metrics_to_the_collector(serve_process):
+    """With only OTEL_EXPORTER_OTLP_ENDPOINT set (no FORGERPC_TRACES / FORGERPC_METRICS), a
+    service exports both signals over OTLP/gRPC."""
+    from google.protobuf.json_format import MessageToDict
+
+    collector = _Collector()
+    try:
+        proc = serve_process("reward", env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",
+                                            "FORGERPC_TRACES": "", "FORGERPC_METRICS": ""})
+        _reward_calls(proc.address)
+        assert proc.terminate() < 5.0  # shutdown flushes both exporters
+    finally:
+        collector.server.stop(None)
+    names = [span.name for export in collector.spans for rs in export.resource_spans
+             for ss in rs.scope_spans for span in ss.spans]
+    assert names.count("/forgerpc.v1.RewardService/Evaluate") == 4, names
+    service = {a.key: a.value.string_value for a in collector.spans[0].resource_spans[0].resource.attributes}
+    assert service["service.name"] == "forgerpc-reward"
+    # OTLP JSON mapping -> the shape the file exporter writes (attributes as a dict, count as int).
+    [resource] = collector.metrics[-1].resource_metrics
+    rm = MessageToDict(resource, preserving_proto_field_name=True)
+    for scope in rm["scope_metrics"]:
+        for metric in scope["metrics"]:
+            metric["data"] = metric.pop("histogram", metric.pop("sum", metric.pop("gauge", None)))
+            for point in metric["data"]["data_points"]:
+                point["attributes"] = {a["key"]: next(iter(a["value"].values())) for a in point["attributes"]}
+                point["count"] = int(point.get("count", 0))
+                point["attributes"]["rpc.grpc.status_code"] = int(point["attributes"]["rpc.grpc.status_code"])
+    assert _durations(rm) == {("Evaluate", 0): 3, ("Evaluate", 3): 1}
+
+
+def test_unknown_exporter_is_a_clear_error():
+    from forgerpc.clients.telemetry import exporter_names
+
+    assert exporter_names("metrics", "file:/tmp/x, otlp") == ["file:/tmp/x", "otlp"]
+    assert exporter_names("traces", "none") == []
+    with pytest.raises(ValueError, match="unknown metrics exporter 'prometheus'"):
+        exporter_names("metrics", "prometheus")
+
+
+def test_unreachable_collector_neither_fails_calls_nor_holds_the_exit(serve_process):
+    # Port 9 (discard) has no listener here: the exporter's retries alone took 15.7 s at SIGTERM.
+    proc = serve_process("reward", env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+                                        "FORGERPC_TRACES": "", "FORGERPC_METRICS": ""})
+    _reward_calls(proc.address)
+    assert proc.terminate() < 5.0 and proc.proc.returncode == 0

@@ -22,6 +22,7 @@ import importlib
 import logging
 import os
 import signal
+import time
 import sys
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -33,10 +34,10 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 
 from forgerpc.clients.config import ClientConfig, Config
-from forgerpc.clients.telemetry import setup_tracing, shutdown_tracing
+from forgerpc.clients.telemetry import setup_metrics, setup_tracing, shutdown_telemetry
 from forgerpc.services.common import auth
 from forgerpc.services.common.auth import AuthConfig
 from forgerpc.services.common.errors import ServiceError, invalid_argument, unimplemented
@@ -53,8 +54,10 @@ class ServerConfig(Config):
     max_message_bytes: int = 512 * 1024 * 1024  # bulk tensors and big batches
     max_concurrent_rpcs: int | None = None
     grace_seconds: float = 4.0  # drain time on SIGTERM; stays under the 5 s contract
-    # Span exporter: "" (env FORGERPC_TRACES, default none), "console", "file:DIR" or "otlp".
+    # Exporters (comma-separated): "" (env FORGERPC_TRACES / FORGERPC_METRICS; else "otlp" when
+    # OTEL_EXPORTER_OTLP_ENDPOINT is set; else none), "none", "console", "file:DIR", "otlp".
     traces: str = ""
+    metrics: str = ""  # rpc.server.duration per method and status (clients/telemetry.py)
     auth: AuthConfig = AuthConfig()
 
 
@@ -150,6 +153,34 @@ def _span(method: str, context: grpc.aio.ServicerContext, follows_parent: bool):
     )
 
 
+class _CallTimer:
+    """Records each call's server-side duration in the histogram `rpc.server.duration` (ms, as
+    OpenTelemetry's RPC conventions name it), by service, method and gRPC status code. Without a
+    meter provider (no metrics exporter) the histogram is the API's no-op (~1 us a call)."""
+
+    histogram = metrics.get_meter("forgerpc.services").create_histogram(
+        "rpc.server.duration", unit="ms", description="duration of inbound gRPC calls, as the service saw them")
+
+    def __init__(self, method: _descriptor.MethodDescriptor):
+        base = {"rpc.system": "grpc", "rpc.service": method.containing_service.full_name, "rpc.method": method.name}
+        self.attributes = {code: {**base, "rpc.grpc.status_code": code.value[0]} for code in grpc.StatusCode}
+
+    @contextlib.contextmanager
+    def __call__(self, context: grpc.aio.ServicerContext):
+        start, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
+        try:
+            yield
+            code = context.code() or grpc.StatusCode.OK  # a handler may set a code without raising
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.histogram.record((time.perf_counter() - start) * 1e3, self.attributes[code])
+
+
 def _method_handler(servicer: Any, method: _descriptor.MethodDescriptor, planned_in: str) -> grpc.RpcMethodHandler:
     """Wraps one servicer method: parse, span, call, map errors. Shape follows the RPC's streaming."""
     name = f"/{method.containing_service.full_name}/{method.name}"
@@ -186,10 +217,11 @@ def _method_handler(servicer: Any, method: _descriptor.MethodDescriptor, planned
 
     serialize = lambda message: message.SerializeToString()  # noqa: E731
     follows_parent = _follows_parent()  # the tracer provider is set up before any servicer is made
+    timed = _CallTimer(method)
 
     if method.server_streaming:
         async def handler(raw, context):
-            with _span(name, context, follows_parent):
+            with timed(context), _span(name, context, follows_parent):
                 try:
                     async for response in fn(request_of(raw), context):
                         yield response
@@ -199,7 +231,7 @@ def _method_handler(servicer: Any, method: _descriptor.MethodDescriptor, planned
                     await _fail(context, name, exc)
     else:
         async def handler(raw, context):
-            with _span(name, context, follows_parent):
+            with timed(context), _span(name, context, follows_parent):
                 try:
                     return await fn(request_of(raw), context)
                 except grpc.aio.AbortError:
@@ -301,6 +333,7 @@ async def serve(definition: ServiceDefinition, config: ServiceConfig) -> None:
 
 async def _serve(definition: ServiceDefinition, config: ServiceConfig) -> None:
     setup_tracing(definition.name, config.server.traces)
+    setup_metrics(definition.name, config.server.metrics)
     server = Server(definition, config)
     port = await server.start()
     print(f"FORGERPC_READY {definition.name} {config.server.host}:{port} pid={os.getpid()}", flush=True)
@@ -311,5 +344,5 @@ async def _serve(definition: ServiceDefinition, config: ServiceConfig) -> None:
     await stopping.wait()
     log.info("%s: stopping (draining up to %.1fs)", definition.name, config.server.grace_seconds)
     await server.stop()
-    shutdown_tracing()
+    shutdown_telemetry()
     print(f"FORGERPC_STOPPED {definition.name}", file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pipeline.py                       # full: ~20-30 min on a quiet 2-core machine
     .venv/bin/python bench/pipeline.py --quick --threads 1   # every part shortened: ~2 min quiet, ~3 loaded
-    .venv/bin/python bench/pipeline.py --parts null --null-seconds 30 --no-traces
+    .venv/bin/python bench/pipeline.py --parts null --null-seconds 30 --no-traces [--no-metrics]
     .venv/bin/python bench/pipeline.py --parts null --profile orch.prof --profile-services DIR  # cProfile all
 
 Service runs are the real main job, `python -m forgerpc.orchestrator run CONFIG key=value...`
@@ -178,7 +178,7 @@ async def part_null(args, work: pathlib.Path) -> dict:
     """
     from forgerpc.clients import GeneratorClient, ReplayBufferClient, ReplicaGroup, RewardClient
     from forgerpc.clients.config import load_config
-    from forgerpc.clients.telemetry import setup_tracing, shutdown_tracing
+    from forgerpc.clients.telemetry import setup_metrics, setup_tracing, shutdown_telemetry
     from forgerpc.orchestrator.config import RunConfig
     from forgerpc.orchestrator.grpo import GRPO
     from forgerpc.orchestrator.launcher import Stack
@@ -198,12 +198,15 @@ async def part_null(args, work: pathlib.Path) -> dict:
     # The sampler too, as orchestrator/run.py sets it (grpo_tiny: 1 trace in 10); before
     # 2026-11-27 02:30 this part traced every rollout, which `forgerpc run` does not.
     os.environ["FORGERPC_TRACES"] = "none" if args.no_traces else f"file:{work / 'null-path' / 'traces'}"
+    # OpenTelemetry metrics likewise (since 2026-11-28; --no-metrics measures without).
+    os.environ["FORGERPC_METRICS"] = "none" if args.no_metrics else f"file:{work / 'null-path' / 'otel-metrics'}"
     if cfg.trace_sample_ratio < 1:
         os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
         os.environ["OTEL_TRACES_SAMPLER_ARG"] = str(cfg.trace_sample_ratio)
     if args.profile_services:  # every service process writes DIR/<service>-<pid>.prof at exit
         os.environ["FORGERPC_PROFILE"] = str(args.profile_services.resolve())
     setup_tracing("orchestrator")
+    setup_metrics("orchestrator")
     task = make_task(cfg.task.name, seed=cfg.task.seed, eval_size=cfg.task.eval_size, **cfg.task.options)
 
     class BufferSideGRPO(GRPO):
@@ -244,8 +247,8 @@ async def part_null(args, work: pathlib.Path) -> dict:
                 await app.run()
             finally:
                 await services.close()
-    shutdown_tracing()
-    for name in ("FORGERPC_PROFILE", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):  # not for later parts
+    shutdown_telemetry()
+    for name in ("FORGERPC_PROFILE", "FORGERPC_METRICS", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):  # not for later parts
         os.environ.pop(name, None)
     (t0, n0, cpu0), (t1, n1, cpu1) = app.window
     episodes = n1 - n0
@@ -440,6 +443,7 @@ def main() -> int:
     p.add_argument("--null-seconds", type=float, default=60, help="timed window of the null rollout path")
     p.add_argument("--null-warmup", type=float, default=5)
     p.add_argument("--no-traces", action="store_true", help="null rollout path without OpenTelemetry traces")
+    p.add_argument("--no-metrics", action="store_true", help="null rollout path without OpenTelemetry metrics")
     p.add_argument("--null-steps", type=int, default=300, help="GRPO steps of the null full loop")
     p.add_argument("--null-workers", type=int, default=8, help="rollout workers of the null rollout path")
     p.add_argument("--null-groups-per-rollout", type=int, default=8, help="grpo.groups_per_rollout of the null rollout path")

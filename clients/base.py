@@ -6,7 +6,9 @@ A facade method is one line, e.g.
         return await self._unary("Evaluate", request, fields, timeout)
 
 `request` may be the message itself or its fields as keywords. `timeout` is the deadline for the
-whole call, retries included.
+whole call, retries included. Each retry adds 1 to the OpenTelemetry counter
+`forgerpc.client.retries` (attributes `rpc.method`: the full path, `rpc.grpc.status_code`: the
+code that was retried), so the failures the SDK absorbs stay visible.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, AsyncIterable, AsyncIterator, ClassVar, Iterable
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import metrics
 
 from forgerpc.clients.channel import ChannelSettings, open_channel
 from forgerpc.clients.errors import ForgeRPCError
@@ -25,6 +28,8 @@ from forgerpc.clients.retry import NO_RETRY, RETRYABLE, RetryPolicy
 from forgerpc.clients.telemetry import trace_metadata
 
 _UNKNOWN = descriptor_pb2.MethodOptions.IDEMPOTENCY_UNKNOWN
+_retries = metrics.get_meter("forgerpc.clients").create_counter(
+    "forgerpc.client.retries", description="calls the SDK retried, by method and the status that was retried")
 
 
 def is_idempotent(method: descriptor.MethodDescriptor) -> bool:
@@ -88,6 +93,9 @@ class AsyncClient:
     def _call_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata + trace_metadata()
 
+    def _count_retry(self, name: str, e: grpc.RpcError) -> None:
+        _retries.add(1, {"rpc.method": self._path(name), "rpc.grpc.status_code": e.code().value[0]})
+
     def _error(self, name: str, e: grpc.RpcError) -> ForgeRPCError:
         return ForgeRPCError.from_rpc_error(e, self._path(name), self.address)
 
@@ -105,6 +113,7 @@ class AsyncClient:
                 last = attempt + 1 >= policy.max_attempts or time.monotonic() + sleep >= deadline
                 if e.code() not in RETRYABLE or last:
                     raise self._error(name, e) from None
+                self._count_retry(name, e)
                 await asyncio.sleep(sleep)
         raise AssertionError("unreachable")
 
@@ -127,6 +136,7 @@ class AsyncClient:
                 last = attempt + 1 >= policy.max_attempts or time.monotonic() + sleep >= deadline
                 if received or e.code() not in RETRYABLE or last:
                     raise self._error(name, e) from None
+                self._count_retry(name, e)
                 await asyncio.sleep(sleep)
 
     async def _client_stream(self, name: str, requests: AsyncIterable | Iterable, timeout: float | None) -> Any:

@@ -187,3 +187,46 @@ def test_unreachable_collector_neither_fails_calls_nor_holds_the_exit(serve_proc
                                         "FORGERPC_TRACES": "", "FORGERPC_METRICS": ""})
     _reward_calls(proc.address)
     assert proc.terminate() < 5.0 and proc.proc.returncode == 0
+
+
+def test_sdk_counts_the_retries_it_absorbs(tmp_path):
+    """Two injected UNAVAILABLEs, then success: the caller sees one answer, and the client's
+    metrics file holds forgerpc.client.retries = 2 for that method and code (14)."""
+    client = textwrap.dedent("""
+        import asyncio, grpc
+        from forgerpc.clients import RewardClient, RetryPolicy
+        from forgerpc.clients.telemetry import setup_metrics, shutdown_telemetry
+        from forgerpc.services.common.errors import ServiceError
+        from forgerpc.services.common.runtime import Server, ServiceConfig, ServiceDefinition
+        from forgerpc.v1 import reward_pb2, reward_pb2_grpc
+
+        class Flaky(reward_pb2_grpc.RewardServiceServicer):
+            calls = 0
+            async def Evaluate(self, request, context):
+                Flaky.calls += 1
+                if Flaky.calls <= 2:
+                    raise ServiceError(grpc.StatusCode.UNAVAILABLE, "INJECTED", "busy")
+                return reward_pb2.EvaluateResponse(scores=[reward_pb2.RewardScore(score=1.0)])
+
+        async def main():
+            setup_metrics("client", "file:DIR")
+            async def create(_cfg):
+                return [Flaky()]
+            server = Server(ServiceDefinition("test", ServiceConfig, create), ServiceConfig())
+            port = await server.start()
+            policy = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05)
+            async with RewardClient(f"127.0.0.1:{port}", retry=policy) as reward:
+                out = await reward.evaluate(items=[reward_pb2.RewardItem(response="a", target="a")])
+            assert out.scores[0].score == 1.0 and Flaky.calls == 3
+            await server.stop()
+            shutdown_telemetry()
+
+        asyncio.run(main())
+    """).replace("DIR", str(tmp_path))
+    subprocess.run([sys.executable, "-c", client], check=True, timeout=60)
+    [file] = tmp_path.glob("client-*.jsonl")
+    [resource] = json.loads(file.read_text().splitlines()[-1])["resource_metrics"]
+    retries = [point for scope in resource["scope_metrics"] for m in scope["metrics"]
+               if m["name"] == "forgerpc.client.retries" for point in m["data"]["data_points"]]
+    assert [(p["attributes"], p["value"]) for p in retries] == [
+        ({"rpc.method": "/forgerpc.v1.RewardService/Evaluate", "rpc.grpc.status_code": 14}, 2)]

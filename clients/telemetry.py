@@ -70,13 +70,15 @@ def otlp_endpoint(signal: str) -> str:
 def exporter_names(signal: str, exporter: str = "") -> list[str]:
     """The exporters a process uses for `signal`: `exporter`, else env FORGERPC_<SIGNAL>, else
     ["otlp"] when an OTLP endpoint is configured, else none. Comma-separated; "none" is dropped."""
-    value = exporter or os.environ.get(f"FORGERPC_{signal.upper()}", "")
+    source, value = "", exporter
+    if not value:
+        source, value = f" (env FORGERPC_{signal.upper()})", os.environ.get(f"FORGERPC_{signal.upper()}", "")
     if not value:
         value = "otlp" if otlp_endpoint(signal) else "none"
     names = [v.strip() for v in value.split(",") if v.strip() and v.strip() != "none"]
     for name in names:
         if name not in ("console", "otlp") and not name.startswith("file:"):
-            raise ValueError(f"unknown {signal} exporter '{name}' (allowed: none, console, file:DIR, otlp; "
+            raise ValueError(f"unknown {signal} exporter '{name}'{source} (allowed: none, console, file:DIR, otlp; "
                              "several comma-separated)")
     return names
 

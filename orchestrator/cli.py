@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"forgerpc {args.command}: {e}", file=sys.stderr)
         return 2
+    try:  # FORGERPC_TRACES / FORGERPC_METRICS, read by every process of the stack
+        from forgerpc.clients.telemetry import exporter_names
+
+        exporter_names("traces"), exporter_names("metrics")
+    except ValueError as e:
+        print(f"forgerpc {args.command}: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "run":
             from forgerpc.orchestrator.run import run

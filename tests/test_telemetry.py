@@ -3,12 +3,15 @@
 import asyncio
 import concurrent.futures
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import grpc
 import pytest
+
+from conftest import ROOT
 
 
 def _client_spans(serve_process, tmp_path, body: str) -> list[dict]:
@@ -172,13 +175,24 @@ def test_otlp_endpoint_alone_sends_spans_and_metrics_to_the_collector(serve_proc
     assert _durations(rm) == {("Evaluate", 0): 3, ("Evaluate", 3): 1}
 
 
-def test_unknown_exporter_is_a_clear_error():
+def test_unknown_exporter_is_a_clear_error(tmp_path):
     from forgerpc.clients.telemetry import exporter_names
 
     assert exporter_names("metrics", "file:/tmp/x, otlp") == ["file:/tmp/x", "otlp"]
     assert exporter_names("traces", "none") == []
     with pytest.raises(ValueError, match="unknown metrics exporter 'prometheus'"):
         exporter_names("metrics", "prometheus")
+    # In a service's config: a config error naming the key; in the environment: the variable.
+    # Neither starts anything or prints a traceback.
+    serve = [sys.executable, "-m", "forgerpc.services", "serve", "reward", "--port", "0"]
+    bad_key = subprocess.run([*serve, "server.metrics=prometheus"], capture_output=True, text=True, timeout=60)
+    assert bad_key.returncode == 2 and "key 'server.metrics'" in bad_key.stderr and "Traceback" not in bad_key.stderr
+    env = {**os.environ, "FORGERPC_TRACES": "jaeger"}
+    bad_env = subprocess.run(serve, capture_output=True, text=True, timeout=60, env=env)
+    assert bad_env.returncode == 2 and "FORGERPC_TRACES" in bad_env.stderr and "Traceback" not in bad_env.stderr
+    run = subprocess.run([sys.executable, "-m", "forgerpc.orchestrator", "run", str(ROOT / "configs/grpo_tiny.yaml"),
+                          f"run_dir={tmp_path}", "app=none"], capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 2 and "unknown traces exporter 'jaeger'" in run.stderr and not (tmp_path / "logs").exists()
 
 
 def test_unreachable_collector_neither_fails_calls_nor_holds_the_exit(serve_process):

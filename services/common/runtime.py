@@ -35,9 +35,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
+from pydantic import field_validator
 
 from forgerpc.clients.config import ClientConfig, Config
-from forgerpc.clients.telemetry import setup_metrics, setup_tracing, shutdown_telemetry
+from forgerpc.clients.telemetry import exporter_names, setup_metrics, setup_tracing, shutdown_telemetry
 from forgerpc.services.common import auth
 from forgerpc.services.common.auth import AuthConfig
 from forgerpc.services.common.errors import ServiceError, invalid_argument, unimplemented
@@ -59,6 +60,12 @@ class ServerConfig(Config):
     traces: str = ""
     metrics: str = ""  # rpc.server.duration per method and status (clients/telemetry.py)
     auth: AuthConfig = AuthConfig()
+
+    @field_validator("traces", "metrics")
+    @classmethod
+    def _known_exporters(cls, value: str, info):
+        exporter_names(info.field_name, value)  # ValueError naming the unknown one
+        return value
 
 
 class ServiceConfig(Config):
@@ -332,8 +339,12 @@ async def serve(definition: ServiceDefinition, config: ServiceConfig) -> None:
 
 
 async def _serve(definition: ServiceDefinition, config: ServiceConfig) -> None:
-    setup_tracing(definition.name, config.server.traces)
-    setup_metrics(definition.name, config.server.metrics)
+    try:
+        setup_tracing(definition.name, config.server.traces)
+        setup_metrics(definition.name, config.server.metrics)
+    except ValueError as e:  # an unknown exporter in FORGERPC_TRACES / FORGERPC_METRICS
+        print(f"forgerpc serve {definition.name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     server = Server(definition, config)
     port = await server.start()
     print(f"FORGERPC_READY {definition.name} {config.server.host}:{port} pid={os.getpid()}", flush=True)

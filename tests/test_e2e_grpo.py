@@ -38,7 +38,14 @@ def _run(run_dir, *overrides):
 
 @pytest.mark.slow
 def test_grpo_run_end_to_end(tmp_path):
-    out = _run(tmp_path, "grpo.max_staleness=0", "services.replay_buffer.config.max_policy_age=0")  # synchronous
+    from test_telemetry import _Collector
+
+    collector = _Collector()  # `otlp_endpoint`: every process sends its spans and metrics here too
+    try:
+        out = _run(tmp_path, "grpo.max_staleness=0", "services.replay_buffer.config.max_policy_age=0",  # synchronous
+                   f"otlp_endpoint=http://127.0.0.1:{collector.port}")
+    finally:
+        collector.server.stop(None)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     sft = [r for r in rows if r.get("phase") == "sft"]
@@ -89,6 +96,16 @@ def test_grpo_run_end_to_end(tmp_path):
     trained = {p["attributes"]["rpc.method"]: p["count"] for p in last["trainer"]["rpc.server.duration"]
                if p["attributes"]["rpc.grpc.status_code"] == 0}
     assert trained["TrainStep"] == 20 + 4, trained
+    # ...and the same signals reached the OTLP collector from every process.
+    def service(resource) -> str:
+        return next(a.value.string_value for a in resource.attributes if a.key == "service.name")
+
+    spans = {service(rs.resource) for export in collector.spans for rs in export.resource_spans}
+    otlp = {service(rm.resource): {m.name for sm in rm.scope_metrics for m in sm.metrics}
+            for export in collector.metrics for rm in export.resource_metrics}
+    assert spans == set(otlp) == {f"forgerpc-{name}" for name in last}, (spans, set(otlp))
+    assert {"forgerpc.phase.duration", "forgerpc.run.eval_accuracy"} <= otlp["forgerpc-orchestrator"]
+    assert "rpc.server.duration" in otlp["forgerpc-trainer"]
     assert (tmp_path / "redis").is_dir(), "the private Redis kept its data in the run directory"
     assert _ours(tmp_path) == set(), "service or Redis processes left behind"
 
@@ -149,30 +166,3 @@ def test_swap_reward_service_by_address(tmp_path):
         minimal.terminate()
         minimal.wait(10)
 
-
-@pytest.mark.slow
-def test_otlp_endpoint_in_the_config_reaches_every_process(tmp_path):
-    """`otlp_endpoint` in the run config: every process of the run sends its spans and metrics to
-    that collector, and the run directory keeps its own trace and metric files as well."""
-    from test_telemetry import _Collector
-
-    collector = _Collector()
-    try:
-        out = _run(tmp_path, "sft.steps=0", "grpo.steps=2", f"otlp_endpoint=http://127.0.0.1:{collector.port}")
-    finally:
-        collector.server.stop(None)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-
-    def service(resource) -> str:
-        return next(a.value.string_value for a in resource.attributes if a.key == "service.name")
-
-    spans = {service(rs.resource) for export in collector.spans for rs in export.resource_spans}
-    metrics = {service(rm.resource): {m.name for sm in rm.scope_metrics for m in sm.metrics}
-               for export in collector.metrics for rm in export.resource_metrics}
-    every = {f"forgerpc-{name}" for name in ("orchestrator", "generator", "reward", "replay_buffer", "trainer",
-                                              "weight_store")}
-    assert spans == every and set(metrics) == every, (spans, set(metrics))
-    assert {"forgerpc.phase.duration", "forgerpc.run.eval_accuracy"} <= metrics["forgerpc-orchestrator"]
-    assert "rpc.server.duration" in metrics["forgerpc-trainer"]
-    assert list((tmp_path / "traces").glob("trainer-*.jsonl")) and list((tmp_path / "otel-metrics").glob("trainer-*.jsonl"))
-    assert _ours(tmp_path) == set()

@@ -22,8 +22,8 @@ import importlib
 import logging
 import os
 import signal
-import time
 import sys
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -181,7 +181,7 @@ class _CallTimer:
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the caller left (GeneratorExit: mid-stream)
             code = grpc.StatusCode.CANCELLED
             raise
         finally:

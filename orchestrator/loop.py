@@ -103,7 +103,6 @@ class Metrics:
         self.counts: dict[str, int] = {}
         self.counters: dict[str, metrics.Counter] = {}
         self.gauges: dict[str, metrics.Gauge] = {}
-        self.phase_attributes: dict[str, dict] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str, links: list[trace.Link] | None = None):
@@ -113,8 +112,7 @@ class Metrics:
             yield
         seconds = time.perf_counter() - start
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-        attributes = self.phase_attributes.get(name) or self.phase_attributes.setdefault(name, {"phase": name})
-        self.phase_duration.record(seconds, attributes)
+        self.phase_duration.record(seconds, {"phase": name})
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n

@@ -147,8 +147,6 @@ class _Collector:
 def test_otlp_endpoint_alone_sends_spans_and_metrics_to_the_collector(serve_process):
     """With only OTEL_EXPORTER_OTLP_ENDPOINT set (no FORGERPC_TRACES / FORGERPC_METRICS), a
     service exports both signals over OTLP/gRPC."""
-    from google.protobuf.json_format import MessageToDict
-
     collector = _Collector()
     try:
         proc = serve_process("reward", env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",
@@ -162,17 +160,15 @@ def test_otlp_endpoint_alone_sends_spans_and_metrics_to_the_collector(serve_proc
     assert names.count("/forgerpc.v1.RewardService/Evaluate") == 4, names
     service = {a.key: a.value.string_value for a in collector.spans[0].resource_spans[0].resource.attributes}
     assert service["service.name"] == "forgerpc-reward"
-    # OTLP JSON mapping -> the shape the file exporter writes (attributes as a dict, count as int).
-    [resource] = collector.metrics[-1].resource_metrics
-    rm = MessageToDict(resource, preserving_proto_field_name=True)
-    for scope in rm["scope_metrics"]:
-        for metric in scope["metrics"]:
-            metric["data"] = metric.pop("histogram", metric.pop("sum", metric.pop("gauge", None)))
-            for point in metric["data"]["data_points"]:
-                point["attributes"] = {a["key"]: next(iter(a["value"].values())) for a in point["attributes"]}
-                point["count"] = int(point.get("count", 0))
-                point["attributes"]["rpc.grpc.status_code"] = int(point["attributes"]["rpc.grpc.status_code"])
-    assert _durations(rm) == {("Evaluate", 0): 3, ("Evaluate", 3): 1}
+    [resource] = collector.metrics[-1].resource_metrics  # cumulative: the newest export holds every call
+    counts = {}
+    for metric in (m for scope in resource.scope_metrics for m in scope.metrics if m.name == "rpc.server.duration"):
+        assert metric.unit == "ms"
+        for point in metric.histogram.data_points:
+            a = {kv.key: kv.value for kv in point.attributes}
+            assert a["rpc.service"].string_value == "forgerpc.v1.RewardService"
+            counts[(a["rpc.method"].string_value, a["rpc.grpc.status_code"].int_value)] = point.count
+    assert counts == {("Evaluate", 0): 3, ("Evaluate", 3): 1}
 
 
 def test_unknown_exporter_is_a_clear_error(tmp_path):

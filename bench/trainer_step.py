@@ -4,13 +4,15 @@
     .venv/bin/python bench/trainer_step.py --groups 16 --prompt-tokens 200 --response-tokens 50
 
 Builds the model CONFIG describes (model: arch, hidden_size, layers, heads, kv_heads; the real
-loading code) and two TorchBackends over copies of it from CONFIG's trainer config, one with
-`share_prompts: false` (the reference: every episode padded to prompt + response) and one with it on.
+loading code) and three TorchBackends over copies of it from CONFIG's trainer config, one with
+`share_prompts: false` (the reference: every episode padded to prompt + response), one with it on
+in two passes (`pack_group_tokens: 0`: prompts, then responses on their K/V) and one with each group
+packed into one row (`pack_group_tokens` unbounded).
 Each step gets a fresh batch of --groups groups of grpo.group_size episodes (random tokens, prompts
 and responses of up to the given lengths, half the episodes of each group rewarded so no advantage
-is 0); the two backends take turns on the same batch, in alternating order. Reports the median step
-time of each and `shared_vs_padded` = padded / shared (> 1: sharing is faster), and checks that the
-two losses agree on every step.
+is 0); the backends take turns on the same batch, in rotating order. Reports the median step time
+of each, `shared_vs_padded` = padded / shared (> 1: sharing is faster) and `packed_vs_shared` =
+shared / packed, and the largest relative difference of a loss from the padded one.
 """
 
 from __future__ import annotations
@@ -70,29 +72,36 @@ def main() -> None:
                                num_kv_heads=m.kv_heads, intermediate_size=2 * m.hidden_size, seed=m.seed)
         model, _ = load_model(path, dtype=torch.float32)
     trainer = dict(cfg.services["trainer"].config)
-    backends = {share: TorchBackend(TrainerConfig(**{**trainer, "share_prompts": share}), copy.deepcopy(model))
-                for share in (False, True)}
+    variants = {  # name -> trainer config overrides
+        "padded": {"share_prompts": False},
+        "shared": {"share_prompts": True, "pack_group_tokens": 0},            # two passes: prompts, then responses
+        "packed": {"share_prompts": True, "pack_group_tokens": 1 << 30},      # one row per group
+    }
+    backends = {name: TorchBackend(TrainerConfig(**{**trainer, **v}), copy.deepcopy(model))
+                for name, v in variants.items()}
     rng = random.Random(0)
-    times: dict[bool, list[float]] = {False: [], True: []}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     worst = 0.0
     for i in range(args.warmup + args.steps):
         samples = batch(rng, args.groups, cfg.grpo.group_size, args.prompt_tokens, args.response_tokens,
                         model.config.vocab_size)
         losses = {}
-        for share in ((False, True) if i % 2 else (True, False)):
+        order = list(variants)[i % 3:] + list(variants)[:i % 3]  # rotate who goes first
+        for name in order:
             start = time.perf_counter()
-            losses[share] = backends[share].train_step(samples).loss
+            losses[name] = backends[name].train_step(samples).loss
             if i >= args.warmup:
-                times[share].append(time.perf_counter() - start)
-        worst = max(worst, abs(losses[True] - losses[False]) / max(abs(losses[False]), 1e-6))
+                times[name].append(time.perf_counter() - start)
+        for name in ("shared", "packed"):
+            worst = max(worst, abs(losses[name] - losses["padded"]) / max(abs(losses["padded"]), 1e-6))
     result = {
         "config": args.config, "groups": args.groups, "group_size": cfg.grpo.group_size,
         "prompt_tokens": args.prompt_tokens, "response_tokens": args.response_tokens, "threads": args.threads,
-        "padded_step_ms": round(statistics.median(times[False]) * 1e3, 2),
-        "shared_step_ms": round(statistics.median(times[True]) * 1e3, 2),
+        **{f"{name}_step_ms": round(statistics.median(t) * 1e3, 2) for name, t in times.items()},
         "max_relative_loss_difference": worst,
     }
     result["shared_vs_padded"] = round(result["padded_step_ms"] / result["shared_step_ms"], 2)
+    result["packed_vs_shared"] = round(result["shared_step_ms"] / result["packed_step_ms"], 2)
     print(json.dumps(result))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """Shared prompts (TrainerConfig.share_prompts): a GRPO micro-batch that runs each distinct prompt
 once and its responses on the prompt's KV cache gives the padded path's loss, statistics and
-gradients, including with a KL reference model, masked tokens and prompts of different lengths."""
+gradients, including with a KL reference model, masked tokens and prompts of different lengths.
+Both layouts: two passes (prompts, then responses; `pack_group_tokens: 0`) and one row per
+distinct prompt with its responses side by side (`pack_group_tokens` large enough)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from forgerpc.services.common.models import load_model, make_tiny_model
+from forgerpc.services.trainer.backends import shared_forward
 from forgerpc.services.trainer.backends.torch_backend import Sample, TorchBackend
 from forgerpc.services.trainer.config import TrainerConfig
 
@@ -47,11 +50,18 @@ def step(b: TorchBackend, samples: list[Sample]):
     return totals, {n: p.grad.clone() for n, p in b.model.named_parameters() if p.grad is not None}
 
 
+PACK = {"two_passes": 0, "packed": 1 << 20}
+
+
+@pytest.mark.parametrize("pack", PACK)
 @pytest.mark.parametrize("loss", [{"kind": "grpo"}, {"kind": "dapo", "beta": 0.05, "temperature": 0.7},
                                   {"kind": "gspo"}])
-def test_shared_prompts_match_the_padded_batch(model_dir, loss):
+def test_shared_prompts_match_the_padded_batch(model_dir, loss, pack):
     samples = groups()
-    shared, padded = backend(model_dir, loss=loss), backend(model_dir, loss=loss, share_prompts=False)
+    # one group short of an episode (slot 5 of its row is padding), as after a dropped rollout
+    samples = [s for i, s in enumerate(samples) if i != 13]
+    shared = backend(model_dir, loss=loss, pack_group_tokens=PACK[pack])
+    padded = backend(model_dir, loss=loss, share_prompts=False)
     if loss.get("beta"):  # a reference that differs from the policy, so the KL term is not 0
         with torch.no_grad():
             for p in shared.ref_model.parameters():
@@ -75,9 +85,10 @@ def test_shared_prompts_match_the_padded_batch(model_dir, loss):
     assert any(g.abs().max() > 0 for g in grads_p.values())
 
 
-def test_one_token_responses_use_the_prompt_logits_alone(model_dir):
+@pytest.mark.parametrize("pack", PACK)
+def test_one_token_responses_use_the_prompt_logits_alone(model_dir, pack):
     samples = groups(max_response=1)
-    shared, padded = backend(model_dir), backend(model_dir, share_prompts=False)
+    shared, padded = backend(model_dir, pack_group_tokens=PACK[pack]), backend(model_dir, share_prompts=False)
     assert shared._shared_prompts(samples).response_ids.shape[1] == 0
     (loss_s, *_), grads_s = step(shared, samples)
     (loss_p, *_), grads_p = step(padded, samples)
@@ -99,3 +110,37 @@ def test_sharing_is_used_only_where_it_saves_tokens(model_dir):
     assert loss_s == pytest.approx(loss_w, rel=1e-5, abs=1e-7)
     for name in grads_w:
         torch.testing.assert_close(grads_s[name], grads_w[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_group_is_packed_only_when_its_row_fits(model_dir, monkeypatch):
+    """pack_group_tokens bounds P + slots * (R - 1), the row of the longest prompt and most episodes."""
+    calls = []
+    for name in ("packed_group_logits", "shared_prompt_logits"):
+        real = getattr(shared_forward, name)
+        monkeypatch.setattr(shared_forward, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    samples = groups(n_groups=3, n=4)
+    P = max(len(s.prompt) for s in samples)
+    R = max(len(s.response) for s in samples)
+    row = P + 4 * (R - 1)
+    backend(model_dir, pack_group_tokens=row).accumulate_gradients(samples)
+    backend(model_dir, pack_group_tokens=row - 1).accumulate_gradients(samples)
+    assert calls == ["packed_group_logits", "shared_prompt_logits"]
+
+
+def test_a_packed_response_does_not_see_its_neighbours(model_dir):
+    """Changing one episode's response leaves every other episode's logprobs in the row unchanged."""
+    b = backend(model_dir, pack_group_tokens=1 << 20)
+    samples = groups(n_groups=2, n=4)
+    changed = [*samples]
+    changed[1] = Sample(**{**samples[1].__dict__, "response": [t + 1 for t in samples[1].response]})
+
+    def logprobs(chunk):
+        sp = b._shared_prompts(chunk)
+        *_, targets, _, _ = b._batch(chunk, inputs=False)
+        with torch.no_grad():
+            return b._shared_logprobs(b.model, sp, targets)[0]
+
+    before, after = logprobs(samples), logprobs(changed)
+    assert not torch.allclose(before[1], after[1])
+    keep = [i for i in range(len(samples)) if i != 1]
+    torch.testing.assert_close(before[keep], after[keep], rtol=0, atol=1e-6)

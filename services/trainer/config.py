@@ -92,6 +92,12 @@ class TrainerConfig(ServiceConfig):
     # make different numbers of forward calls, each a collective). The torch backend's; the titan
     # backend packs episodes into rows.
     share_prompts: bool = True
+    # With share_prompts: a distinct prompt whose responses fit in this many tokens together with it
+    # (prompt + episodes x longest response) runs as one row, its responses side by side under a
+    # block mask: one pass per layer instead of two (shared_forward.packed_group_logits). Pays at
+    # short rows on CPU, where each layer call's fixed cost dominates; the attention grows with the
+    # square of the row. 0: always two passes.
+    pack_group_tokens: int = Field(default=128, ge=0)
     device: str = "cpu"  # "cuda" turns on bf16 autocast
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default
     max_batch_episodes: int = Field(default=4096, gt=0)

@@ -78,3 +78,45 @@ def _layer(layer, h, cos, sin, mask, past=None):
                                        enable_gqa=q.shape[1] != keys.shape[1])
     h = h + attn.o_proj(o.transpose(1, 2).reshape(n, s, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
+
+
+def packed_group_logits(model, prompt_ids, prompt_attn, prompt_positions, index, slot, slots,
+                        response_ids, response_positions) -> torch.Tensor:
+    """`shared_prompt_logits` computed in one pass: each distinct prompt and its responses as one row.
+
+    Row r of (u, L), L = P + slots * (R - 1): [prompt r | slot 0 | slot 1 | ...], episode j's
+    response inputs in row index[j], slot slot[j]. The block mask lets a prompt column see its own
+    real causal past and a response column see its prompt's real tokens and its own slot causally,
+    exactly the keys of the two-pass forward. Half the layer calls and one attention call per layer
+    instead of two: at a GRPO group of short episodes (grpo_tiny: 9 + 8 x 5 tokens) the per-call
+    overhead dominates on CPU; at long responses the (L, L) attention grows with the square of the
+    group's tokens, so the backend uses this only for short rows (TrainerConfig.pack_group_tokens).
+    Slots a row does not fill hold padding that attends to itself and its prompt; nothing reads them.
+    """
+    inner = model.model
+    u, P = prompt_ids.shape
+    b, R1 = response_ids.shape
+    device = prompt_ids.device
+    L = P + slots * R1
+    cols = P + slot[:, None] * R1 + torch.arange(R1, device=device)  # (b, R - 1): the episode's columns
+    ids = torch.zeros((u, L), dtype=prompt_ids.dtype, device=device)
+    ids[:, :P] = prompt_ids
+    ids[index[:, None], cols] = response_ids
+    positions = torch.zeros((u, L), dtype=prompt_positions.dtype, device=device)
+    positions[:, :P] = prompt_positions
+    positions[index[:, None], cols] = response_positions
+    # segment of each column: -1 the prompt, s slot s; a key is visible when causal and either a
+    # real prompt token or in the query's own slot (every column sees itself: no row is all-masked)
+    c = torch.arange(L, device=device)
+    segment = torch.where(c < P, -1, (c - P).div(max(R1, 1), rounding_mode="floor"))
+    real = torch.cat([prompt_attn.bool(), torch.zeros((u, L - P), dtype=torch.bool, device=device)], dim=1)
+    same = (segment[None, :] == segment[:, None]) & (segment[None, :] >= 0)
+    mask = (c[None, :] <= c[:, None])[None] & (real[:, None, :] | same[None]) | torch.eye(L, dtype=torch.bool,
+                                                                                           device=device)[None]
+    h = inner.embed_tokens(ids)
+    cos, sin = inner.rotary_emb(h, positions)
+    for layer in inner.layers:
+        h, _, _ = _layer(layer, h, cos, sin, mask[:, None])
+    # (b, R, hidden): column 0 from the prompt's last position, then the episode's response inputs
+    picked = torch.cat([h[:, P - 1][index][:, None], h[index[:, None], cols]], dim=1)
+    return model.lm_head(inner.norm(picked))

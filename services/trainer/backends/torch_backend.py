@@ -70,6 +70,7 @@ class SharedPrompts:
     index (b,): episode -> its prompt's row.
     response_ids, response_positions (b, R - 1): responses without their last token, right-padded;
         positions continue from the episode's real prompt length.
+    slot (b,): the episode's place among its prompt's episodes; slots: the most episodes of one prompt.
     """
 
     prompt_ids: torch.Tensor
@@ -78,6 +79,8 @@ class SharedPrompts:
     index: torch.Tensor
     response_ids: torch.Tensor
     response_positions: torch.Tensor
+    slot: torch.Tensor
+    slots: int
 
 
 @dataclasses.dataclass
@@ -318,6 +321,11 @@ class TorchBackend:
             return None
         distinct: dict[tuple[int, ...], int] = {}
         index = [distinct.setdefault(tuple(s.prompt), len(distinct)) for s in chunk]
+        seen = [0] * len(distinct)
+        slot = []
+        for i in index:
+            slot.append(seen[i])
+            seen[i] += 1
         P = max(len(s.prompt) for s in chunk)
         R = max(len(s.response) for s in chunk)
         if 4 * (len(distinct) * P + len(chunk) * (R - 1)) > 3 * len(chunk) * (P + R):
@@ -337,7 +345,8 @@ class TorchBackend:
             prompt_ids=torch.tensor(prompts, dtype=torch.long).to(d), prompt_attn=p_attn.to(d),
             prompt_positions=(p_attn.cumsum(-1) - 1).clamp(min=0).to(d), index=index.to(d),
             response_ids=torch.tensor(responses, dtype=torch.long).to(d),
-            response_positions=(lengths[:, None] + torch.arange(R - 1)).to(d))
+            response_positions=(lengths[:, None] + torch.arange(R - 1)).to(d),
+            slot=torch.tensor(slot, dtype=torch.long).to(d), slots=max(seen))
 
     def _shared_logprobs(self, model, sp: SharedPrompts, targets, temperature: float = 1.0):
         """`_logprobs` of the same episodes, each distinct prompt computed once.
@@ -346,11 +355,19 @@ class TorchBackend:
         -> rows picked by `index` (b, ...) -> responses (b, R - 1) attending to them -> logits
         (b, R - 1, V) (shared_forward.py). Column 0 of the result predicts response token 0 (from the
         prompt's last column), column k token k (from response input k - 1): the same (b, R, V) as
-        the padded path's slice.
+        the padded path's slice. Rows of at most `pack_group_tokens` (prompt + its responses) run as
+        one sequence each instead (shared_forward.packed_group_logits): same logits, one pass.
         """
+        P, R1 = sp.prompt_ids.shape[1], sp.response_ids.shape[1]
         with self._autocast():
-            logits = shared_forward.shared_prompt_logits(model, sp.prompt_ids, sp.prompt_attn, sp.prompt_positions,
-                                                         sp.index, sp.response_ids, sp.response_positions)
+            if R1 and P + sp.slots * R1 <= self.cfg.pack_group_tokens:
+                logits = shared_forward.packed_group_logits(
+                    model, sp.prompt_ids, sp.prompt_attn, sp.prompt_positions, sp.index, sp.slot, sp.slots,
+                    sp.response_ids, sp.response_positions)
+            else:
+                logits = shared_forward.shared_prompt_logits(
+                    model, sp.prompt_ids, sp.prompt_attn, sp.prompt_positions, sp.index, sp.response_ids,
+                    sp.response_positions)
         return losses.token_logprobs_and_entropy(logits, targets, temperature)
 
     def _micro_batch(self, chunk: list[Sample], adv: torch.Tensor, objective: str, counts: dict):

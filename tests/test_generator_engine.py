@@ -202,10 +202,13 @@ async def test_smollm2_greedy_matches_hf_generate():
     await _run(dict(model_path=str(smollm2_dir())), check)
 
 
-async def test_a_bf16_engine_pulls_a_float32_version_and_a_failed_pull_stops_generation(tmp_path):
-    """The trainer publishes float32; a bfloat16 engine loads it straight into its parameters,
-    cast on the fly. A pull that fails once the engine paused leaves the weights possibly torn:
-    Generate is refused (FAILED_PRECONDITION) until an update succeeds."""
+@pytest.mark.parametrize("staged", [False, True])
+async def test_a_bf16_engine_pulls_a_float32_version_and_a_failed_pull_stops_generation(tmp_path, staged):
+    """The trainer publishes float32; a bfloat16 engine loads it cast on the fly, straight into
+    its parameters (`stage_weights_mb: 0`) or through its side copy. A pull into the parameters
+    that fails once the engine paused leaves the weights possibly torn: Generate is refused
+    (FAILED_PRECONDITION) until an update succeeds. A failed staged pull changes nothing:
+    generation goes on at the old version."""
     import grpc
 
     from conftest import ServiceProcess
@@ -223,12 +226,18 @@ async def test_a_bf16_engine_pulls_a_float32_version_and_a_failed_pull_stops_gen
 
             async def check(engine):
                 ids = engine.encode("pull")
+                before = {n: t.clone() for n, t in engine.model.state_dict().items()}
                 with pytest.raises(ForgeRPCError) as err:  # never published
                     await engine.update_weights(1, WeightSource(store=ws), abort=False)
                 assert err.value.code == grpc.StatusCode.NOT_FOUND and engine.version == 0
-                with pytest.raises(ServiceError) as refused:
-                    await engine.generate([("p", ids)], Sampling(max_tokens=4))
-                assert refused.value.reason == "WEIGHTS_INCOMPLETE"
+                if staged:
+                    (out,) = await engine.generate([("p", ids)], Sampling(max_tokens=4, ignore_eos=True))
+                    assert out.policy_version == 0 and len(out.token_ids) == 4
+                    assert all(torch.equal(t, before[n]) for n, t in engine.model.state_dict().items())
+                else:
+                    with pytest.raises(ServiceError) as refused:
+                        await engine.generate([("p", ids)], Sampling(max_tokens=4))
+                    assert refused.value.reason == "WEIGHTS_INCOMPLETE"
                 assert await engine.update_weights(3, WeightSource(store=ws), abort=False) == 0
                 assert engine.version == 3
                 got = engine.model.state_dict()
@@ -239,6 +248,6 @@ async def test_a_bf16_engine_pulls_a_float32_version_and_a_failed_pull_stops_gen
                 assert out.policy_version == 3 and len(out.token_ids) == 4
 
             await _run(dict(model_path=str(make_tiny_model(tmp_path / "old", initializer_range=0.1)),
-                            dtype="bfloat16"), check)
+                            dtype="bfloat16", stage_weights_mb=1024 if staged else 0), check)
     finally:
         store.stop()

@@ -43,6 +43,11 @@ class GeneratorConfig(ServiceConfig):
     # intra-op threads for torch; 0 = torch's default. On a CPU shared with other processes, 1 can
     # be faster: multi-threaded GEMMs stall when a sibling thread is descheduled
     torch_threads: int = Field(default=0, ge=0)
+    # torch backend: a weight-store version of a model of at most this many MiB is pulled into a
+    # side copy while generation goes on, then swapped in (generation stops for the drain and one
+    # memcpy; the copy costs the model's size once more in memory); a larger one is pulled straight
+    # into the parameters, and generation stops for the transfer. 0: always in place
+    stage_weights_mb: int = Field(default=1024, ge=0)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "GeneratorConfig":

@@ -53,6 +53,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.cfg = cfg
         self.backend = backend
         self._update_lock = asyncio.Lock()
+        self._stores: dict[str, WeightStoreClient] = {}  # by address: one channel, reused by every update
 
     async def Generate(self, request: generator_pb2.GenerateRequest, context) -> generator_pb2.GenerateResponse:
         require(len(request.prompts) > 0, "prompts", "must hold at least one prompt")
@@ -158,7 +159,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return await self.backend.update_weights(version, WeightSource(files=tuple(files)), abort)
 
     async def _update_from_store(self, version: int, address: str, abort: bool) -> int:
-        store = WeightStoreClient(address, settings=self.cfg.client.settings())
+        store = self._stores.get(address)
+        if store is None:
+            store = self._stores[address] = WeightStoreClient(address, settings=self.cfg.client.settings())
         try:
             manifest = (await store.get_manifest(version=version)).manifest
             self._check_shapes({t.name: tuple(t.shape) for t in manifest.tensors}, "version",
@@ -168,8 +171,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         except ForgeRPCError as e:  # the store's status, e.g. NOT_FOUND for an unknown version, goes on as is
             raise ServiceError(e.code, e.reason, f"weight store at {address}: {e.message}",
                                **{**e.details, "weight_store_address": address}) from None
-        finally:
-            await store.close()
+
+    async def close(self) -> None:
+        while self._stores:
+            await self._stores.popitem()[1].close()
 
     def _check_shapes(self, shapes: dict[str, tuple[int, ...]], field: str, what: str = "") -> None:
         """The new tensors must be exactly the model's (a tied lm_head may be there or not)."""
@@ -202,7 +207,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         )
 
 
-_OPEN: list[tuple[Backend, str | None]] = []  # backends to close, with the tiny model's temp dir
+_OPEN: list[tuple[GeneratorServicer, Backend, str | None]] = []  # to close, with the tiny model's temp dir
 
 
 def build_backend(cfg: GeneratorConfig) -> tuple[Backend, str | None]:
@@ -233,22 +238,25 @@ def build_backend(cfg: GeneratorConfig) -> tuple[Backend, str | None]:
     from forgerpc.services.generator.backends.torch_engine import TorchEngine
 
     backend = TorchEngine(path, dtype=cfg.dtype, device=cfg.device, max_batch_size=cfg.max_batch_size,
-                          max_queue=cfg.max_queue, max_model_len=cfg.max_model_len)
+                          max_queue=cfg.max_queue, max_model_len=cfg.max_model_len,
+                          stage_weights_mb=cfg.stage_weights_mb)
     return backend, tmp
 
 
 async def create(cfg: GeneratorConfig):
     backend, tmp = build_backend(cfg)
     backend.start()
-    _OPEN.append((backend, tmp))
+    servicer = GeneratorServicer(cfg, backend)
+    _OPEN.append((servicer, backend, tmp))
     log.info("generator: %s backend on %s (context %d, batch %d)", cfg.backend, backend.info.model,
              backend.info.max_model_len, cfg.max_batch_size)
-    return [GeneratorServicer(cfg, backend)]
+    return [servicer]
 
 
 async def close():
     while _OPEN:
-        backend, tmp = _OPEN.pop()
+        servicer, backend, tmp = _OPEN.pop()
+        await servicer.close()
         await backend.close()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

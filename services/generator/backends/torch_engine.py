@@ -8,10 +8,13 @@ One asyncio task (the engine loop) owns the batch. Each iteration is one engine 
 
 so requests that arrive while a batch runs join at the next step. The forward passes run in one
 worker thread, so the gRPC event loop stays responsive. Weight updates pause admission, let the
-running sequences finish (or abort them), write the new tensors into the model in place (from
-safetensors files, or pulled from the weight store straight into the parameters) and resume;
-every completion carries the version that generated all of its tokens. A pull that fails midway
-leaves the weights partly written: Generate then answers FAILED_PRECONDITION (WEIGHTS_INCOMPLETE)
+running sequences finish (or abort them), write the new tensors into the model and resume; every
+completion carries the version that generated all of its tokens. The new tensors are read before
+the pause, while generation goes on (safetensors files; a weight-store version of at most
+`stage_weights_mb`, pulled into a side copy kept between updates), so generation stops only for
+the drain and one in-memory copy. A larger store version is pulled straight into the parameters
+(no second copy of the model), and generation stops for the transfer; a pull that fails midway
+then leaves the weights partly written: Generate answers FAILED_PRECONDITION (WEIGHTS_INCOMPLETE)
 until an update succeeds, rather than sample from a mix of two versions.
 """
 
@@ -74,7 +77,8 @@ class TorchEngine:
     """Backend "torch" (see backends.Backend)."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", device: str = "cpu",
-                 max_batch_size: int = 64, max_queue: int = 4096, max_model_len: int = 0):
+                 max_batch_size: int = 64, max_queue: int = 4096, max_model_len: int = 0,
+                 stage_weights_mb: int = 1024):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -94,6 +98,9 @@ class TorchEngine:
                               tied=tied)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        weight_bytes = sum(t.numel() * t.element_size() for n, t in self.model.state_dict().items() if n not in tied)
+        self._stage = weight_bytes <= stage_weights_mb << 20
+        self._staging: dict[str, torch.Tensor] | None = None  # the side copy, allocated at the first pull
         self.forward = SlotKVForward(self.model, max_batch_size, self.max_model_len)
         self.version = 0
         self.steps = 0  # forward passes (prefill or decode), for the continuous batching test
@@ -158,10 +165,13 @@ class TorchEngine:
         return [out for outs in results for out in outs]
 
     async def update_weights(self, version: int, source: WeightSource, abort: bool) -> int:
-        # local files are read before pausing, so generation stops only for the copy; a store
-        # version is pulled straight into the parameters (no second copy of the model), so
-        # generation stops for the transfer
-        state = await asyncio.to_thread(self._read_files, source.files) if source.files else None
+        # files, and a store version small enough to stage, are read before pausing (see the docstring)
+        if source.files:
+            state = await asyncio.to_thread(self._read_files, source.files)
+        elif self._stage:
+            state = await self._pull_staged(source.store, version)
+        else:
+            state = None
         aborted_before = self._aborted_requests
         self._paused, self._abort = True, abort
         self._idle.clear()
@@ -197,6 +207,16 @@ class TorchEngine:
 
         tied = self.info.tied
         await load_into(store, self._targets(), version, name_map=lambda n: None if n in tied else n)
+
+    async def _pull_staged(self, store, version: int) -> dict[str, torch.Tensor]:
+        """The version pulled into the side copy (same names, shapes and dtypes as the model's)."""
+        from forgerpc.clients.weights import load_into
+
+        if self._staging is None:
+            self._staging = {n: torch.empty_like(t) for n, t in self._targets().items()}
+        tied = self.info.tied
+        await load_into(store, self._staging, version, name_map=lambda n: None if n in tied else n)
+        return self._staging
 
     def _read_files(self, files) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

@@ -20,6 +20,7 @@ class ServiceProcess:
 
     def __init__(self, name: str, *args: str, env: dict | None = None):
         self.name = name
+        self.args = args
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "forgerpc.services", "serve", name, "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -39,9 +40,17 @@ class ServiceProcess:
         return time.monotonic() - start
 
     def stop(self):
+        """SIGKILL (fast teardown). A killed weight store leaves its shared-memory segments, which
+        the next store on the machine would reclaim; the tests reclaim them here instead, so a run
+        leaves nothing in /dev/shm."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.name == "weight_store":
+            from forgerpc.services.weight_store.backends.shm import reclaim_orphans
+
+            prefix = next((a.partition("=")[2] for a in self.args if a.startswith("shm_prefix=")), "forgerpc-ws")
+            reclaim_orphans(prefix)
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ Each step gets a fresh batch of --groups groups of grpo.group_size episodes (ran
 and responses of up to the given lengths, half the episodes of each group rewarded so no advantage
 is 0); the backends take turns on the same batch, in rotating order. Reports the median step time
 of each, `shared_vs_padded` = padded / shared (> 1: sharing is faster) and `packed_vs_shared` =
-shared / packed, and the largest relative difference of a loss from the padded one.
+shared / packed, and the largest relative difference of a loss from the padded one. Then the same
+for SFT steps of --sft distinct prompts (one response each): padded vs packed rows, which are the
+padded batch computed by shared_forward.py instead of HF's forward (`sft_packed_vs_padded`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sft", type=int, default=64, metavar="N",
+                    help="also time SFT steps of N distinct prompts, padded vs packed (grpo_tiny's batch: 64; 0: skip)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/trainer_step.json"))
     args = ap.parse_args()
 
@@ -80,28 +84,38 @@ def main() -> None:
     backends = {name: TorchBackend(TrainerConfig(**{**trainer, **v}), copy.deepcopy(model))
                 for name, v in variants.items()}
     rng = random.Random(0)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    worst = 0.0
-    for i in range(args.warmup + args.steps):
-        samples = batch(rng, args.groups, cfg.grpo.group_size, args.prompt_tokens, args.response_tokens,
-                        model.config.vocab_size)
-        losses = {}
-        order = list(variants)[i % 3:] + list(variants)[:i % 3]  # rotate who goes first
-        for name in order:
-            start = time.perf_counter()
-            losses[name] = backends[name].train_step(samples).loss
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-        for name in ("shared", "packed"):
-            worst = max(worst, abs(losses[name] - losses["padded"]) / max(abs(losses["padded"]), 1e-6))
+
+    def timed(names: list[str], groups: int, n: int, objective: str) -> tuple[dict, float]:
+        """Median step seconds per backend over fresh batches, and the largest relative loss difference."""
+        times: dict[str, list[float]] = {name: [] for name in names}
+        worst = 0.0
+        for i in range(args.warmup + args.steps):
+            samples = batch(rng, groups, n, args.prompt_tokens, args.response_tokens, model.config.vocab_size)
+            losses = {}
+            for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
+                start = time.perf_counter()
+                losses[name] = backends[name].train_step(samples, objective=objective).loss
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+            for name in names[1:]:
+                worst = max(worst, abs(losses[name] - losses[names[0]]) / max(abs(losses[names[0]]), 1e-6))
+        return {name: statistics.median(t) for name, t in times.items()}, worst
+
+    medians, worst = timed(list(variants), args.groups, cfg.grpo.group_size, "policy_gradient")
     result = {
         "config": args.config, "groups": args.groups, "group_size": cfg.grpo.group_size,
         "prompt_tokens": args.prompt_tokens, "response_tokens": args.response_tokens, "threads": args.threads,
-        **{f"{name}_step_ms": round(statistics.median(t) * 1e3, 2) for name, t in times.items()},
+        **{f"{name}_step_ms": round(t * 1e3, 2) for name, t in medians.items()},
         "max_relative_loss_difference": worst,
     }
     result["shared_vs_padded"] = round(result["padded_step_ms"] / result["shared_step_ms"], 2)
     result["packed_vs_shared"] = round(result["shared_step_ms"] / result["packed_step_ms"], 2)
+    if args.sft:  # distinct prompts, one response each: the packed rows are the padded batch, minus HF's glue
+        medians, worst = timed(["padded", "packed"], args.sft, 1, "sft")
+        result |= {"sft_episodes": args.sft, "sft_padded_step_ms": round(medians["padded"] * 1e3, 2),
+                   "sft_packed_step_ms": round(medians["packed"] * 1e3, 2),
+                   "sft_packed_vs_padded": round(medians["padded"] / medians["packed"], 2),
+                   "sft_max_relative_loss_difference": worst}
     print(json.dumps(result))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

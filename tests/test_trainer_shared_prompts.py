@@ -98,10 +98,11 @@ def test_one_token_responses_use_the_prompt_logits_alone(model_dir, pack):
 
 
 def test_sharing_is_used_only_where_it_saves_tokens(model_dir):
-    b = backend(model_dir)
+    b = backend(model_dir, pack_group_tokens=0)
     distinct = groups(n_groups=8, n=1)  # every prompt once: nothing to share
     assert b._shared_prompts(distinct) is None
     assert b._shared_prompts(groups(n_groups=2, n=8)) is not None
+    assert backend(model_dir)._shared_prompts(distinct).slots == 1  # short rows: packed all the same
     assert backend(model_dir, activation_checkpointing=True)._shared_prompts(groups()) is None
     # micro-batches split a group: each micro-batch shares what it holds, and the step is unchanged
     small, whole = backend(model_dir, micro_batch_size=4), backend(model_dir, share_prompts=False)
@@ -144,3 +145,24 @@ def test_a_packed_response_does_not_see_its_neighbours(model_dir):
     assert not torch.allclose(before[1], after[1])
     keep = [i for i in range(len(samples)) if i != 1]
     torch.testing.assert_close(before[keep], after[keep], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pack", PACK)
+def test_sft_through_the_lean_forward_matches_the_padded_batch(model_dir, pack):
+    """SFT batches (distinct prompts) take the packed rows when they fit: same loss and gradients."""
+    samples = groups(n_groups=8, n=1, max_response=9)
+    lean, padded = backend(model_dir, pack_group_tokens=PACK[pack]), backend(model_dir, share_prompts=False)
+    assert (lean._shared_prompts(samples) is not None) == bool(PACK[pack])
+
+    def sft(b):
+        b.optimizer.zero_grad(set_to_none=True)
+        totals = b.accumulate_gradients(samples, objective="sft")
+        return totals, {n: p.grad.clone() for n, p in b.model.named_parameters() if p.grad is not None}
+
+    (loss_l, _, _, tokens_l, ent_l), grads_l = sft(lean)
+    (loss_p, _, _, tokens_p, ent_p), grads_p = sft(padded)
+    assert tokens_l == tokens_p > 0
+    assert loss_l == pytest.approx(loss_p, rel=1e-5)
+    assert ent_l == pytest.approx(ent_p, rel=1e-5)
+    for name in grads_p:
+        torch.testing.assert_close(grads_l[name], grads_p[name], rtol=1e-4, atol=1e-7, msg=name)

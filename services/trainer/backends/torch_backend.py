@@ -310,9 +310,12 @@ class TorchBackend:
         return losses.token_logprobs_and_entropy(logits[:, :-1], targets)
 
     def _shared_prompts(self, chunk: list[Sample]) -> SharedPrompts | None:
-        """The micro-batch as distinct prompts + responses (see SharedPrompts), or None when sharing
-        would not save a quarter of the tokens: u * P + b * (R - 1) vs b * (P + R) for u distinct
-        prompts among b episodes, P and R the longest prompt and response."""
+        """The micro-batch as distinct prompts + responses (see SharedPrompts), or None (the padded
+        HF forward) when sharing would not save a quarter of the tokens, u * P + b * (R - 1) vs
+        b * (P + R) for u distinct prompts among b episodes, P and R the longest prompt and response,
+        and the rows do not fit `pack_group_tokens` either: packed rows pay even without repeated
+        prompts (an SFT batch: one episode per row, the padded batch computed without HF's
+        per-layer glue)."""
         # Not under FSDP: each layer's all-gather pairs up across ranks, and one rank's micro-batch
         # may share (two passes) while another's does not (one). Not with activation checkpointing:
         # HF's layer call is what checkpoints, and shared_forward.py calls the layer's parts.
@@ -328,7 +331,8 @@ class TorchBackend:
             seen[i] += 1
         P = max(len(s.prompt) for s in chunk)
         R = max(len(s.response) for s in chunk)
-        if 4 * (len(distinct) * P + len(chunk) * (R - 1)) > 3 * len(chunk) * (P + R):
+        saves = 4 * (len(distinct) * P + len(chunk) * (R - 1)) <= 3 * len(chunk) * (P + R)
+        if not saves and not (R > 1 and P + max(seen) * (R - 1) <= self.cfg.pack_group_tokens):
             return None
         prompts, p_attn = [], []
         for prompt in distinct:
@@ -372,7 +376,7 @@ class TorchBackend:
 
     def _micro_batch(self, chunk: list[Sample], adv: torch.Tensor, objective: str, counts: dict):
         temperature = 1.0 if objective == "sft" else self.cfg.loss.temperature
-        shared = None if objective == "sft" else self._shared_prompts(chunk)
+        shared = self._shared_prompts(chunk)
         ids, attn, positions, targets, gen, mask = self._batch(chunk, inputs=shared is None)
         if shared is not None:
             logprobs = lambda model: self._shared_logprobs(model, shared, targets, temperature)  # noqa: E731

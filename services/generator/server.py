@@ -53,7 +53,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.cfg = cfg
         self.backend = backend
         self._update_lock = asyncio.Lock()
-        self._stores: dict[str, WeightStoreClient] = {}  # by address: one channel, reused by every update
+        self._stores: dict[str, WeightStoreClient] = {}  # the last address's channel, reused by the next update
 
     async def Generate(self, request: generator_pb2.GenerateRequest, context) -> generator_pb2.GenerateResponse:
         require(len(request.prompts) > 0, "prompts", "must hold at least one prompt")
@@ -161,6 +161,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     async def _update_from_store(self, version: int, address: str, abort: bool) -> int:
         store = self._stores.get(address)
         if store is None:
+            await self.close()  # a stack has one store; a new address replaces the old channel
             store = self._stores[address] = WeightStoreClient(address, settings=self.cfg.client.settings())
         try:
             manifest = (await store.get_manifest(version=version)).manifest

@@ -96,7 +96,8 @@ class TrainerConfig(ServiceConfig):
     # (prompt + episodes x longest response) runs as one row, its responses side by side under a
     # block mask: one pass per layer instead of two (shared_forward.packed_group_logits). Pays at
     # short rows on CPU, where each layer call's fixed cost dominates; the attention grows with the
-    # square of the row. 0: always two passes.
+    # square of the row. Batches with nothing to share (SFT) take such rows too, one episode each
+    # (the padded batch without HF's per-layer glue). 0: two passes, or HF's forward.
     pack_group_tokens: int = Field(default=128, ge=0)
     device: str = "cpu"  # "cuda" turns on bf16 autocast
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default

@@ -11,7 +11,9 @@ CPU, HF's per-layer glue (argument decorators, cache objects, repeat_kv) made th
 step ~25 % slower (bench/trainer_step.py: 48.4 vs 38.5 ms, fused AdamW included; bench/README.md).
 The gather of the prompt's K/V is an index_select, so the gradients of all n responses of a group
 sum into their prompt's activations.
-tests/test_trainer_shared_prompts.py checks loss and gradients against the padded HF forward.
+`packed_group_logits` computes the same logits in one pass, each prompt and its responses as one row
+under a block mask (for short rows, see its docstring).
+tests/test_trainer_shared_prompts.py checks loss and gradients of both against the padded HF forward.
 """
 
 from __future__ import annotations

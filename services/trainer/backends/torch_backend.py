@@ -13,7 +13,9 @@ episodes each (services/trainer/packing.py); `micro_batch_size` then counts rows
 Policy gradient with `share_prompts` (default): a micro-batch whose episodes repeat prompts (a GRPO
 group) runs each distinct prompt once, then every response on a copy of its prompt's KV cache
 (`_shared_logprobs`, shared_forward.py); same loss and gradients as the padded forward, (n - 1) / n
-of the prompt tokens fewer for groups of n. Single-process Llama / Qwen2 / Qwen3 only (see `_shared_prompts`).
+of the prompt tokens fewer for groups of n. Short rows (prompt + its responses <= `pack_group_tokens`)
+run as one sequence each instead, in one pass (`packed_group_logits`); SFT batches take those rows too.
+Single-process Llama / Qwen2 / Qwen3 only (see `_shared_prompts`).
 
 Under `torchrun` (torch.distributed initialized) the model is sharded with FSDP2 (`fully_shard` per
 decoder layer, then the root), each rank takes every world_size-th sample, and because FSDP averages

@@ -2,9 +2,10 @@
 
 Run as a script (under torchrun) this file is the worker: it trains the torch backend for 5 steps on
 fixed batches and rank 0 writes the per-step losses and grad norms as JSON. Batches of distinct
-prompts, or of groups sharing 16-token prompts: one process then runs the shared-prompt forward
-(`share_prompts`) where it saves tokens, two FSDP ranks never do (a rank that shares makes two
-forward calls, each a collective, where another makes one: they would deadlock).
+prompts, or of groups sharing 16-token prompts: one process then runs shared_forward.py's forward
+(`share_prompts`; packed rows, which these short batches fit whether or not prompts repeat), two FSDP
+ranks never do (one rank's micro-batch may take two forward calls, each a collective, where
+another's takes one: they would deadlock).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def run_steps(model_dir: str, out: str, mode: str = "distinct") -> None:
                         optim={"lr": 1e-3, "warmup_steps": 2, "total_steps": 10})
     model, _ = load_model(model_dir)
     backend = TorchBackend(cfg, model)
-    # does a micro-batch of this batch shape take the shared-prompt forward here? (world 1 only)
+    # does a micro-batch of this batch shape take shared_forward.py's forward here? (world 1 only)
     shares = backend._shared_prompts(grouped(episodes(n=3)) if mode == "groups" else episodes(n=3)) is not None
     curve = []
     for step in range(STEPS):
@@ -75,7 +76,7 @@ def test_fsdp2_two_processes_match_one(tmp_path, mode):
         assert proc.returncode == 0, proc.stderr[-4000:]
         result = json.loads(out.read_text())
         assert result["world"] == n
-        assert result["shares"] == (mode == "groups" and n == 1)
+        assert result["shares"] == (n == 1)
         curves[n] = result["curve"]
     one, two = curves[1], curves[2]
     assert not any(s["skipped"] for s in one + two)

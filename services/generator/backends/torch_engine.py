@@ -169,7 +169,9 @@ class TorchEngine:
         if source.files:
             state = await asyncio.to_thread(self._read_files, source.files)
         elif self._stage:
-            state = await self._pull_staged(source.store, version)
+            if self._staging is None:  # the side copy: allocated once, reused by every update
+                self._staging = {n: torch.empty_like(t) for n, t in self._targets().items()}
+            state = await self._pull(source.store, version, self._staging)
         else:
             state = None
         aborted_before = self._aborted_requests
@@ -183,7 +185,7 @@ class TorchEngine:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._swap, state)
             else:
                 pulling = True
-                await self._pull(source.store, version)
+                await self._pull(source.store, version, self._targets())
             self.version, self._torn = version, None
         except BaseException as e:  # cancellation too: the caller's deadline can cut a pull short
             if pulling:  # a pull that failed midway may have overwritten some parameters
@@ -202,21 +204,13 @@ class TorchEngine:
         """The model's tensors an update writes, by HF name (state_dict shares their storage)."""
         return {n: t for n, t in self.model.state_dict().items() if n not in self.info.tied}
 
-    async def _pull(self, store, version: int) -> None:
+    async def _pull(self, store, version: int, into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Pulls the version into `into` (the parameters, or the side copy of their names and shapes)."""
         from forgerpc.clients.weights import load_into
 
         tied = self.info.tied
-        await load_into(store, self._targets(), version, name_map=lambda n: None if n in tied else n)
-
-    async def _pull_staged(self, store, version: int) -> dict[str, torch.Tensor]:
-        """The version pulled into the side copy (same names, shapes and dtypes as the model's)."""
-        from forgerpc.clients.weights import load_into
-
-        if self._staging is None:
-            self._staging = {n: torch.empty_like(t) for n, t in self._targets().items()}
-        tied = self.info.tied
-        await load_into(store, self._staging, version, name_map=lambda n: None if n in tied else n)
-        return self._staging
+        await load_into(store, into, version, name_map=lambda n: None if n in tied else n)
+        return into
 
     def _read_files(self, files) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

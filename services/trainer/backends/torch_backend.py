@@ -73,6 +73,7 @@ class SharedPrompts:
     response_ids, response_positions (b, R - 1): responses without their last token, right-padded;
         positions continue from the episode's real prompt length.
     slot (b,): the episode's place among its prompt's episodes; slots: the most episodes of one prompt.
+    packed: run as one row per prompt (shared_forward.packed_group_logits), else in two passes.
     """
 
     prompt_ids: torch.Tensor
@@ -83,6 +84,7 @@ class SharedPrompts:
     response_positions: torch.Tensor
     slot: torch.Tensor
     slots: int
+    packed: bool
 
 
 @dataclasses.dataclass
@@ -334,7 +336,8 @@ class TorchBackend:
         P = max(len(s.prompt) for s in chunk)
         R = max(len(s.response) for s in chunk)
         saves = 4 * (len(distinct) * P + len(chunk) * (R - 1)) <= 3 * len(chunk) * (P + R)
-        if not saves and not (R > 1 and P + max(seen) * (R - 1) <= self.cfg.pack_group_tokens):
+        packed = R > 1 and P + max(seen) * (R - 1) <= self.cfg.pack_group_tokens
+        if not (saves or packed):
             return None
         prompts, p_attn = [], []
         for prompt in distinct:
@@ -352,7 +355,7 @@ class TorchBackend:
             prompt_positions=(p_attn.cumsum(-1) - 1).clamp(min=0).to(d), index=index.to(d),
             response_ids=torch.tensor(responses, dtype=torch.long).to(d),
             response_positions=(lengths[:, None] + torch.arange(R - 1)).to(d),
-            slot=torch.tensor(slot, dtype=torch.long).to(d), slots=max(seen))
+            slot=torch.tensor(slot, dtype=torch.long).to(d), slots=max(seen), packed=packed)
 
     def _shared_logprobs(self, model, sp: SharedPrompts, targets, temperature: float = 1.0):
         """`_logprobs` of the same episodes, each distinct prompt computed once.
@@ -364,9 +367,8 @@ class TorchBackend:
         the padded path's slice. Rows of at most `pack_group_tokens` (prompt + its responses) run as
         one sequence each instead (shared_forward.packed_group_logits): same logits, one pass.
         """
-        P, R1 = sp.prompt_ids.shape[1], sp.response_ids.shape[1]
         with self._autocast():
-            if R1 and P + sp.slots * R1 <= self.cfg.pack_group_tokens:
+            if sp.packed:
                 logits = shared_forward.packed_group_logits(
                     model, sp.prompt_ids, sp.prompt_attn, sp.prompt_positions, sp.index, sp.slot, sp.slots,
                     sp.response_ids, sp.response_positions)

@@ -117,6 +117,34 @@ def test_token_logprobs_and_entropy():
     assert torch.allclose(ent[0, 1], torch.tensor(-(0.1 * L(0.1) + 0.9 * L(0.9))), atol=1e-6)
 
 
+def test_entropy_bonus_hand_computed():
+    """l_t - c * H_t, aggregated like the policy term: seq0 mean H = (1 + 3) / 2, seq1 = 2 (token 2 masked)."""
+    logprobs, old, adv, mask = batch()
+    entropy = torch.tensor([[1.0, 3.0], [2.0, 7.0]], requires_grad=True)
+    base = losses.grpo_loss(logprobs, old, adv, mask).loss.item()
+    out = losses.grpo_loss(logprobs, old, adv, mask, entropy=entropy, entropy_coef=0.1)
+    assert out.loss.item() == pytest.approx(base - 0.1 * (2.0 + 2.0) / 2, abs=1e-6)
+    out.loss.backward()
+    # d/dH of -c * H / (|o_i| * G): seq0 -0.1 / 4 per token, seq1 -0.1 / 2, the masked token 0
+    assert torch.allclose(entropy.grad, torch.tensor([[-0.025, -0.025], [-0.05, 0.0]]), atol=1e-7)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        losses.grpo_loss(logprobs, old, adv, mask, entropy=entropy.detach(), entropy_coef=0.1)
+
+
+def test_entropy_gradient_only_when_asked():
+    """The entropy is a detached metric by default; with entropy_grad its gradient w.r.t. the logits is
+    dH/dz_v = -p_v (z_v - sum_u p_u z_u), which flattens the distribution."""
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]], requires_grad=True)
+    _, ent = losses.token_logprobs_and_entropy(logits, torch.tensor([[0]]))
+    assert not ent.requires_grad
+    _, ent = losses.token_logprobs_and_entropy(logits, torch.tensor([[0]]), entropy_grad=True)
+    ent.sum().backward()
+    p = torch.softmax(logits.detach(), -1)
+    expected = -p * (logits.detach() - (p * logits.detach()).sum(-1, keepdim=True))
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+    assert logits.grad[0, 0, 0] < 0 < logits.grad[0, 0, 2]  # ascent lowers the top logit, raises the lowest
+
+
 @pytest.mark.parametrize("fn", ["grpo", "dapo", "dr_grpo", "gspo"])
 def test_micro_batches_sum_to_full_batch(fn):
     """Global counts make the sum of micro-batch losses equal the full-batch loss (gradient accumulation)."""

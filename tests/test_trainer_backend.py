@@ -144,6 +144,33 @@ def test_all_zero_advantages_leave_the_weights(model_dir):
         assert torch.equal(v, before[k]), k
 
 
+def test_entropy_bonus_trains_every_episode_and_raises_entropy(model_dir):
+    """With entropy_coef an episode of advantage 0 still has a gradient (-c * H): no episode is skipped,
+    and on a batch of zero advantages the steps only raise the policy's entropy. Its gradient is the
+    same whether the responses run on a shared prompt, packed or padded."""
+    batch = episodes(8)
+    for i, s in enumerate(batch):
+        s.advantage, s.prompt = 0.0, batch[i // 4 * 4].prompt  # two groups of 4 samples of one prompt
+    b = backend(model_dir, loss={"entropy_coef": 0.5})
+    before = weights(b)
+    first = b.train_step(batch)
+    assert first.tokens == sum(len(s.response) for s in batch) and first.loss < 0
+    assert any(not torch.equal(v, before[k]) for k, v in weights(b).items())
+    for _ in range(3):
+        last = b.train_step(batch)
+    assert last.entropy > first.entropy
+    grads = []
+    for share, pack in ((True, 128), (True, 0), (False, 0)):
+        b = backend(model_dir, share_prompts=share, pack_group_tokens=pack, loss={"entropy_coef": 0.5})
+        assert (b._shared_prompts(batch) is not None) == share
+        b.accumulate_gradients(batch)
+        grads.append({n: p.grad for n, p in b.model.named_parameters() if p.grad is not None})
+    assert grads[0]
+    for other in grads[1:]:
+        for n, g in grads[0].items():
+            assert torch.allclose(g, other[n], atol=1e-5), n
+
+
 def test_stale_episodes_use_tis(model_dir):
     """Stale episodes (policy_version behind the trainer's) get a proximal ratio (never clipped) + TIS."""
     b = backend(model_dir, loss={"tis": "auto"})

@@ -29,6 +29,10 @@ class LossConfig(Config):
     clip_low: float | None = Field(default=None, ge=0)
     clip_high: float | None = Field(default=None, ge=0)
     beta: float = Field(default=0.0, ge=0)  # k3 KL to the initial weights; 0 = no reference model
+    # Entropy bonus: the loss subtracts entropy_coef x the policy's per-token entropy (aggregated like
+    # the policy term; verl's entropy_coeff). Every episode then carries a gradient, so the trainer
+    # no longer skips zero-advantage ones. 0 = off.
+    entropy_coef: float = Field(default=0.0, ge=0)
     # Generation budget, Dr.GRPO's constant normalizer; 0 = the longest response of the batch.
     max_tokens: int = Field(default=0, ge=0)
     # Truncated importance sampling. "off": the PPO ratio is taken against the generator's logprobs

@@ -48,8 +48,8 @@ class LossOutput:
     tokens: torch.Tensor
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                               entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and the entropy of each position's distribution, at sampling temperature tau.
 
     z_t = logits_t / tau;  logp_t = z_t[y_t] - logsumexp(z_t);  H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_t,v
@@ -61,14 +61,16 @@ def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
         logits: (B, T, V) float.
         targets: (B, T) long.
         temperature: tau > 0 (the sampling temperature).
+        entropy_grad: keep the entropy's graph (an entropy bonus, `policy_loss(entropy_coef=...)`);
+            off, it is a metric and costs no (B, T, V) activations for the backward.
 
     Returns:
-        (logprobs (B, T) with gradient, entropy (B, T) detached).
+        (logprobs (B, T) with gradient, entropy (B, T), detached unless entropy_grad).
     """
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logprobs, entropy
 
@@ -121,21 +123,26 @@ def log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Te
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 clip_low: float = 0.2, clip_high: float = 0.2, level: Level = "token",
                 aggregation: Aggregation = "seq_mean", ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
-                is_weights: torch.Tensor | None = None, num_sequences: float | None = None,
+                is_weights: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+                entropy_coef: float = 0.0, num_sequences: float | None = None,
                 num_tokens: float | None = None, max_tokens: int | None = None) -> LossOutput:
     """PPO-style clipped surrogate, the core shared by GRPO, DAPO, Dr.GRPO and GSPO.
 
     r   = exp(log_ratio(logprobs, old_logprobs))                         token (B, T) or sequence (B, 1)
-    l_t = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A) * w_t + beta * k3_kl(logp, ref)_t
+    l_t = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A) * w_t + beta * k3_kl(logp, ref)_t - c * H_t
     loss = aggregate(l, mask)
 
     where w_t are optional truncated importance-sampling weights (see `tis_weights`), applied to the
-    policy term only (as in TRL). A token counts as clipped when clipping removed its gradient:
+    policy term only (as in TRL), and H_t the entropy of the policy at token t (an entropy bonus,
+    coefficient c = entropy_coef, aggregated like the rest, as verl's `entropy_coeff`): it pushes
+    back against the entropy collapse that leaves a confident policy with groups of equal rewards
+    and so no advantage to learn from. A token counts as clipped when clipping removed its gradient:
     r < 1 - clip_low with A < 0, or r > 1 + clip_high with A > 0.
 
     Args:
-        logprobs, old_logprobs, mask: (B, T); advantages: (B,); ref_logprobs, is_weights: (B, T) or None.
-        Other keywords: see `aggregate`.
+        logprobs, old_logprobs, mask: (B, T); advantages: (B,); ref_logprobs, is_weights: (B, T) or None;
+        entropy: (B, T) with gradient (`token_logprobs_and_entropy(..., entropy_grad=True)`), needed
+        when entropy_coef != 0. Other keywords: see `aggregate`.
     """
     adv = advantages.unsqueeze(-1)
     ratio = torch.exp(log_ratio(logprobs, old_logprobs, mask, level))
@@ -150,6 +157,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         kl = k3_kl(logprobs, ref_logprobs)
         per_token = per_token + beta * kl
         kl_sum = (kl.detach() * mask).sum()
+    if entropy_coef != 0.0:
+        if entropy is None or not entropy.requires_grad:
+            raise ValueError("entropy_coef != 0 needs the entropy with its gradient")
+        per_token = per_token - entropy_coef * entropy
     loss = aggregate(per_token, mask, aggregation, num_sequences=num_sequences, num_tokens=num_tokens,
                      max_tokens=max_tokens)
     with torch.no_grad():

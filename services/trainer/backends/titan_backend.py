@@ -255,11 +255,12 @@ class TitanBackend(TorchBackend):
         """Never: episodes are packed, not padded, and titan's forward takes no KV cache."""
         return None
 
-    def _logprobs(self, model, tokens, rows, positions, targets, temperature: float = 1.0):
+    def _logprobs(self, model, tokens, rows, positions, targets, temperature: float = 1.0,
+                  entropy_grad: bool = False):
         """Per-token logprobs and entropies (b, R) of `targets` from one packed forward, at `temperature`."""
         with self._autocast():
             logits = model(tokens, positions, attention_masks=model.get_attention_masks(positions))
-        return losses.token_logprobs_and_entropy(logits[0][rows], targets, temperature)
+        return losses.token_logprobs_and_entropy(logits[0][rows], targets, temperature, entropy_grad)
 
     def packed_logprobs(self, ids, positions, targets):
         """(logprobs, entropy) (rows, L - 1) of SFT's packed rows (packing.py): titan's document mask

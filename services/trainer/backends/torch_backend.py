@@ -220,11 +220,12 @@ class TorchBackend:
             units, run = rows, lambda idx: self._packed_micro_batch([rows[j] for j in idx], counts)
         else:
             advantages = self._advantages(samples)
-            if objective == "policy_gradient" and self.ref_model is None:
+            if objective == "policy_gradient" and self.ref_model is None and not self.cfg.loss.entropy_coef:
                 # Without a KL term an episode with advantage 0 has loss -min(r * 0, clip(r) * 0) = 0
                 # and no gradient, and `counts` above are the whole batch's: leaving it out gives the
                 # same gradient for less compute. In GRPO that is every group whose rewards are all
-                # equal (all right or all wrong), often half a batch.
+                # equal (all right or all wrong), often half a batch. (A KL term or an entropy bonus
+                # gives every episode a gradient.)
                 keep = advantages.nonzero().flatten().tolist()
                 samples, advantages = [samples[j] for j in keep], advantages[keep]
             units, run = samples, lambda idx: self._micro_batch(
@@ -285,12 +286,12 @@ class TorchBackend:
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         return ids.to(d), attn.to(d), positions.to(d), ids[:, P:].to(d), gen.to(d), mask.to(d)
 
-    def _logprobs(self, model, ids, attn, positions, targets, temperature: float = 1.0):
+    def _logprobs(self, model, ids, attn, positions, targets, temperature: float = 1.0, entropy_grad: bool = False):
         R = targets.shape[1]
         with self._autocast():
             # Logits at columns P-1 .. P+R-2 predict the R response tokens.
             logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=R + 1).logits
-        return losses.token_logprobs_and_entropy(logits[:, :-1], targets, temperature)
+        return losses.token_logprobs_and_entropy(logits[:, :-1], targets, temperature, entropy_grad)
 
     def _autocast(self):
         """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
@@ -357,7 +358,8 @@ class TorchBackend:
             response_positions=(lengths[:, None] + torch.arange(R - 1)).to(d),
             slot=torch.tensor(slot, dtype=torch.long).to(d), slots=max(seen), packed=packed)
 
-    def _shared_logprobs(self, model, sp: SharedPrompts, targets, temperature: float = 1.0):
+    def _shared_logprobs(self, model, sp: SharedPrompts, targets, temperature: float = 1.0,
+                         entropy_grad: bool = False):
         """`_logprobs` of the same episodes, each distinct prompt computed once.
 
         prompts (u, P) -> logits of the last column (u, 1, V) and each layer's K/V (u, kv_heads, P, d)
@@ -376,18 +378,19 @@ class TorchBackend:
                 logits = shared_forward.shared_prompt_logits(
                     model, sp.prompt_ids, sp.prompt_attn, sp.prompt_positions, sp.index, sp.response_ids,
                     sp.response_positions)
-        return losses.token_logprobs_and_entropy(logits, targets, temperature)
+        return losses.token_logprobs_and_entropy(logits, targets, temperature, entropy_grad)
 
     def _micro_batch(self, chunk: list[Sample], adv: torch.Tensor, objective: str, counts: dict):
         temperature = 1.0 if objective == "sft" else self.cfg.loss.temperature
         shared = self._shared_prompts(chunk)
         ids, attn, positions, targets, gen, mask = self._batch(chunk, inputs=shared is None)
+        bonus = 0.0 if objective == "sft" else self.cfg.loss.entropy_coef
         if shared is not None:
-            logprobs = lambda model: self._shared_logprobs(model, shared, targets, temperature)  # noqa: E731
+            logprobs = lambda model, grad=False: self._shared_logprobs(model, shared, targets, temperature, grad)  # noqa: E731
         else:
-            logprobs = lambda model: self._logprobs(model, ids, attn, positions, targets, temperature)  # noqa: E731
-        logp, entropy = logprobs(self.model)
-        entropy_sum = (entropy * mask).sum()
+            logprobs = lambda model, grad=False: self._logprobs(model, ids, attn, positions, targets, temperature, grad)  # noqa: E731
+        logp, entropy = logprobs(self.model, bonus > 0)
+        entropy_sum = (entropy.detach() * mask).sum()
         if objective == "sft":
             return losses.sft_loss(logp, mask, num_tokens=counts["num_tokens"]), entropy_sum
         lc = self.cfg.loss
@@ -409,7 +412,7 @@ class TorchBackend:
             logp, old, adv.to(self.device), mask, level=level, aggregation=aggregation,
             clip_low=lc.clip_low if lc.clip_low is not None else clip_low,
             clip_high=lc.clip_high if lc.clip_high is not None else clip_high,
-            max_tokens=counts["max_tokens"], **kw)
+            max_tokens=counts["max_tokens"], entropy=entropy, entropy_coef=bonus, **kw)
         return out, entropy_sum
 
     # ---- weights and checkpoints ----------------------------------------------------------------

@@ -15,7 +15,7 @@ MODULES = {
     "replay_buffer": "forgerpc.services.replay_buffer.server",
     "trainer": "forgerpc.services.trainer.server",
     "sandbox": "forgerpc.services.sandbox.server",
-    "environment": "forgerpc.services.common.unbuilt:ENVIRONMENT",
+    "environment": "forgerpc.services.environment.server",
 }
 
 

@@ -7,7 +7,6 @@ fake results.
 
 from forgerpc.services.common.runtime import ServiceConfig, ServiceDefinition
 from forgerpc.v1 import (
-    environment_pb2_grpc,
     generator_pb2_grpc,
     replay_buffer_pb2_grpc,
     sandbox_pb2_grpc,
@@ -46,8 +45,4 @@ TRAINER = _definition(
 SANDBOX = _definition(
     "sandbox", sandbox_pb2_grpc.SandboxServiceServicer,
     "issue #5, Reward service and sandboxed code execution (RLVR)",
-)
-ENVIRONMENT = _definition(
-    "environment", environment_pb2_grpc.EnvironmentServiceServicer,
-    "a later issue: multi-turn environments for tool-using agents",
 )

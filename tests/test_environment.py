@@ -56,6 +56,17 @@ def test_calculator_episode_tool_turn_then_answer():
     assert (wrong.done, wrong.reward, wrong.info["target"]) == (True, 0.0, str(a * b + c))
 
 
+@pytest.mark.parametrize("written, correct", [("{n}", True), ("{n:,}", True), ("{m}", False)])
+def test_large_answers_compare_exactly(written, correct):
+    """Nine-digit factors give answers past 2**53, where a float cannot tell n from n + 1."""
+    env = ENVIRONMENTS["calculator"]()
+    state, _ = env.reset(random.Random(5), {"digits": "9"})
+    n = state["target"]
+    assert n > 2 ** 53
+    out = env.step(state, "<answer>" + written.format(n=n, m=n + 1) + "</answer>")
+    assert out.reward == float(correct)
+
+
 def test_max_turns_truncates_with_zero_reward():
     env = ENVIRONMENTS["calculator"]()
     state, _ = env.reset(random.Random(0), {"max_turns": "2"})

@@ -108,6 +108,16 @@ def evaluate(expr: str) -> int | float:
     return walk(tree)
 
 
+def _number(text: str) -> int | float:
+    """An answer's number: an int when it is written as one, so that answers past 2**53 compare
+    exactly (float("100000000000000001") is 1e17); "1,234", "1234.0" and "1.234e3" are accepted."""
+    text = text.replace(",", "")
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _format(value: int | float) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -140,7 +150,7 @@ class Calculator:
         answer = ANSWER.search(action)
         if answer:  # an answer ends the episode, even beside a calc call
             try:
-                correct = float(answer.group(1).replace(",", "")) == state["target"]
+                correct = _number(answer.group(1)) == state["target"]
             except ValueError:
                 correct = False
             return Outcome([], reward=float(correct), done=True,

@@ -15,9 +15,13 @@ import random
 import time
 import uuid
 
-import grpc
-
-from forgerpc.services.common.errors import ServiceError, invalid_argument, not_found, require, resource_exhausted
+from forgerpc.services.common.errors import (
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    require,
+    resource_exhausted,
+)
 from forgerpc.services.common.runtime import ServiceDefinition
 from forgerpc.services.environment.config import EnvironmentConfig
 from forgerpc.services.environment.envs import ENVIRONMENTS, OptionError
@@ -83,8 +87,7 @@ class EnvironmentServicer(environment_pb2_grpc.EnvironmentServiceServicer):
                 f"longer than max_action_chars ({self.cfg.max_action_chars})")
         session = self._session(request.session_id)
         if session.done:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "EPISODE_DONE",
-                               f"session '{request.session_id}' has ended; Reset starts a new one")
+            raise failed_precondition("EPISODE_DONE", f"session '{request.session_id}' has ended; Reset starts a new one")
         outcome = session.env.step(session.state, request.action.content)
         session.done = outcome.done
         return environment_pb2.StepResponse(observations=outcome.observations, reward=outcome.reward,

@@ -27,7 +27,11 @@ def render(messages) -> str:
     return "".join(f"{m.role}{f' {m.name}' if m.name else ''}: {m.content}\n" for m in messages)
 
 
-async def _tokens(generator, text: str) -> list[int]:
+async def _tokens(generator, text: str, opening: bool = False) -> list[int]:
+    """The opening as Generate tokenizes a prompt (with BOS where the model has one); later turns as
+    plain text, which goes in the middle of a sequence (no special tokens)."""
+    if opening:
+        return list((await generator.tokenize(prompts=[Prompt(text=text)])).prompts[0].token_ids)
     return list((await generator.tokenize(texts=[text])).texts[0].token_ids)
 
 
@@ -36,20 +40,22 @@ async def agent_episode(generator, env, environment: str, *, sampling: SamplingP
     """Plays one episode of `environment` with the generator's policy; see the module docstring.
 
     Args:
-        generator: a GeneratorClient (or a replica group's `.route`-able client).
+        generator: a GeneratorClient.
         env: an EnvironmentClient.
         sampling: sampling parameters of every agent turn (n is ignored: one sample per turn).
         seed, options: the environment's task draw (the same seed and options, the same task).
-        max_turns: agent turns at most, on top of the environment's own limit.
+        max_turns: agent turns at most (>= 1), on top of the environment's own limit.
 
     Returns:
         the Episode (no group, no advantage: the caller groups episodes of one seed and sets them);
         metadata holds the environment's name, the turns taken and its last step's info.
     """
-    sampling = SamplingParams(**{**_fields(sampling), "n": 1, "logprobs": True})
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    sampling = _one_sample(sampling)
     opened = await env.reset(environment=environment, seed=seed, options=options or {})
     try:
-        prompt = await _tokens(generator, render(opened.observations) + "assistant: ")
+        prompt = await _tokens(generator, render(opened.observations) + "assistant: ", opening=True)
         response, logprobs, masks = [], [], []
         reward, versions, info, turn = 0.0, [], {}, 0
         for turn in range(1, max_turns + 1):
@@ -74,5 +80,9 @@ async def agent_episode(generator, env, environment: str, *, sampling: SamplingP
                    policy_version=min(versions), metadata={"environment": environment, "turns": str(turn), **info})
 
 
-def _fields(message) -> dict:
-    return {f.name: getattr(message, f.name) for f, _ in message.ListFields()}
+def _one_sample(sampling: SamplingParams) -> SamplingParams:
+    """A copy of `sampling` for one sample with its logprobs (the trainer's PPO ratio needs them)."""
+    out = SamplingParams()
+    out.CopyFrom(sampling)
+    out.n, out.logprobs = 1, True
+    return out

@@ -9,7 +9,7 @@ import torch
 from forgerpc.clients import EnvironmentClient, GeneratorClient, TrainerClient
 from forgerpc.orchestrator.agent import agent_episode, render
 from forgerpc.services.common.models import load_model, make_tiny_model
-from forgerpc.v1.common_pb2 import ChatMessage, SamplingParams
+from forgerpc.v1.common_pb2 import ChatMessage, Prompt, SamplingParams
 
 
 def _logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _runs(masks: list[int]) -> list[tuple[int, int]]:
 
 @pytest.mark.slow
 async def test_episode_masks_environment_turns_and_trains_on_policy(serve_process, tmp_path):
-    model = make_tiny_model(tmp_path / "model", initializer_range=0.1)
+    model = make_tiny_model(tmp_path / "model", bos=True, initializer_range=0.1)  # BOS: only at the start
     gen = serve_process("generator", f"model_path={model}")
     env = serve_process("environment")
     trainer = serve_process("trainer", f"model_path={model}", f"publish_dir={tmp_path / 'pub'}",
@@ -53,8 +53,10 @@ async def test_episode_masks_environment_turns_and_trains_on_policy(serve_proces
         assert len(episode.response_logprobs) == len(response)
         assert all((lp < 0) if m else (lp == 0) for lp, m in zip(episode.response_logprobs, masks))
         opening = (await e.reset(environment="guess_number", seed=3, options={"max_turns": "3"})).observations
-        prompt_ids = (await g.tokenize(texts=[render(opening) + "assistant: "])).texts[0].token_ids
+        prompt_ids = (await g.tokenize(prompts=[Prompt(text=render(opening) + "assistant: ")])).prompts[0].token_ids
         assert list(episode.prompt_token_ids) == list(prompt_ids)
+        bos = prompt_ids[0]
+        assert bos not in reply_ids and bos not in prompt_ids[1:]
 
         # Each agent token was sampled in the context it is trained in: the model's logprobs over
         # prompt + response (the trainer's forward) are the generator's at every agent position,
@@ -72,3 +74,8 @@ async def test_episode_masks_environment_turns_and_trains_on_policy(serve_proces
         step = await t.train_step(episodes=[episode])
         assert not step.skipped and step.tokens == 24
         assert step.clip_fraction == 0.0
+
+
+async def test_max_turns_below_one_is_refused_before_any_call():
+    with pytest.raises(ValueError, match="max_turns"):
+        await agent_episode(None, None, "calculator", sampling=SamplingParams(), max_turns=0)

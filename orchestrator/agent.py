@@ -27,14 +27,6 @@ def render(messages) -> str:
     return "".join(f"{m.role}{f' {m.name}' if m.name else ''}: {m.content}\n" for m in messages)
 
 
-async def _tokens(generator, text: str, opening: bool = False) -> list[int]:
-    """The opening as Generate tokenizes a prompt (with BOS where the model has one); later turns as
-    plain text, which goes in the middle of a sequence (no special tokens)."""
-    if opening:
-        return list((await generator.tokenize(prompts=[Prompt(text=text)])).prompts[0].token_ids)
-    return list((await generator.tokenize(texts=[text])).texts[0].token_ids)
-
-
 async def agent_episode(generator, env, environment: str, *, sampling: SamplingParams, seed: int = 0,
                         options: dict[str, str] | None = None, max_turns: int = 16) -> Episode:
     """Plays one episode of `environment` with the generator's policy; see the module docstring.
@@ -55,9 +47,12 @@ async def agent_episode(generator, env, environment: str, *, sampling: SamplingP
     sampling = _one_sample(sampling)
     opened = await env.reset(environment=environment, seed=seed, options=options or {})
     try:
-        prompt = await _tokens(generator, render(opened.observations) + "assistant: ", opening=True)
+        # The opening as Generate tokenizes a prompt (BOS where the model has one); the environment's
+        # later turns as plain text, since they go in the middle of the sequence (no special tokens).
+        opening = Prompt(text=render(opened.observations) + "assistant: ")
+        prompt = list((await generator.tokenize(prompts=[opening])).prompts[0].token_ids)
         response, logprobs, masks = [], [], []
-        reward, versions, info, turn = 0.0, [], {}, 0
+        reward, versions, info = 0.0, [], {}
         for turn in range(1, max_turns + 1):
             out = (await generator.generate(prompts=[Prompt(token_ids=prompt + response)],
                                             sampling_params=sampling)).completions[0]
@@ -69,7 +64,8 @@ async def agent_episode(generator, env, environment: str, *, sampling: SamplingP
             reward, info = reward + step.reward, dict(step.info)
             if step.done:
                 break
-            reply = await _tokens(generator, "\n" + render(step.observations) + "assistant: ")
+            turn_text = "\n" + render(step.observations) + "assistant: "
+            reply = list((await generator.tokenize(texts=[turn_text])).texts[0].token_ids)
             response += reply
             logprobs += [0.0] * len(reply)
             masks += [0] * len(reply)

@@ -64,7 +64,7 @@ VLLM_PY   := $(VLLM_VENV)/bin/python
 VLLM_CONSTRAINTS := deploy/local/vllm-constraints.txt
 # forgerpc's base dependencies the generator service needs, installed beside vLLM's own
 VLLM_BASE_DEPS := grpcio grpcio-health-checking grpcio-reflection grpcio-status protobuf googleapis-common-protos \
-	pydantic omegaconf pyyaml redis hiredis opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc rich psutil xxhash cryptography matplotlib math-verify \
+	pydantic omegaconf pyyaml redis hiredis opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc rich psutil hpack xxhash cryptography matplotlib math-verify \
 	pytest pytest-asyncio pytest-timeout
 
 $(VLLM_VENV)/.vllm: $(VLLM_CONSTRAINTS)

@@ -17,7 +17,9 @@ Llama architectures) it measures, in this run:
     raw_grpc_gbps      = 2 bytes / (t_up + t_down), plain bytes over loopback grpc.aio (no store,
                          one reused 4 MiB message), in a separate server process, best of --repeats
     shm_put_get_gbps   = 2 bytes / (t_publish + t_load), shared-memory transport, best of --repeats
-    grpc_put_get_gbps  = 2 bytes / (t_publish + t_load), gRPC transport, best of --repeats
+    grpc_put_get_gbps  = 2 bytes / (t_publish + t_load), gRPC transport, best of --repeats; the
+                         SDK's default wire: its own HTTP/2 streams (clients/h2stream.py)
+    grpc_grpcio_put_get_gbps = the same with wire="grpcio": publish and load through grpcio
     shm_vs_memcpy      = shm_put_get_gbps / memcpy_gbps    (target >= 0.5)
     grpc_vs_raw        = grpc_put_get_gbps / raw_grpc_gbps (target >= 0.8)
 
@@ -29,9 +31,10 @@ step); the first publish+load of a size (fresh segment, new connection) is repor
 Memory: a fresh reader process (its model already allocated) loads the newest version 3 times;
 load_first_load_rss_extra_bytes / load_steady_rss_extra_bytes are its anonymous RSS (RssAnon,
 sampled every 2 ms) above the level before the load, load_python_peak_bytes the tracemalloc
-peak of Python objects (the received messages: grpcio holds ~2 while it assembles one) during one
-more load; load_raw_grpc_python_peak_bytes the same peak for a plain grpc.aio download of the same
-messages from the raw server (no store, no SDK), i.e. what grpcio alone needs.
+peak of Python objects during one more load (the SDK's default: the direct reader receives into
+the model and holds no message; load_grpcio_* the same through grpcio, which holds ~2 messages
+while it assembles one); load_raw_grpc_python_peak_bytes the same peak for a plain grpc.aio
+download of the same messages from the raw server (no store, no SDK), i.e. what grpcio alone needs.
 Results go to bench/results/weight_sync.json.
 """
 
@@ -219,7 +222,7 @@ async def raw_python_peak(raw_address: str, total: int) -> int:
     return peak
 
 
-async def reader(address: str, size: str, transport: str, raw_address: str) -> None:
+async def reader(address: str, size: str, label: str, raw_address: str) -> None:
     """A fresh generator-like process: its model exists, then it loads the newest version 3 times.
 
     Reports RssAnon above the pre-load level for the first load (includes one-time set-up: the
@@ -231,6 +234,7 @@ async def reader(address: str, size: str, transport: str, raw_address: str) -> N
     """
     import tracemalloc
     tune_allocator()
+    transport, wire = LABELS[label]
     model = llama_state_dict(size, fill=False)
     client = WeightStoreClient(address, timeout=600)
     await client.wait_ready()
@@ -238,22 +242,23 @@ async def reader(address: str, size: str, transport: str, raw_address: str) -> N
     for _ in range(3):
         with PeakSampler() as peak:
             t = time.perf_counter()
-            loaded = await load_into(client, model, None, transport=transport, chunk_bytes=CHUNK, threads=THREADS)
+            loaded = await load_into(client, model, None, transport=transport, chunk_bytes=CHUNK, threads=THREADS,
+                                     wire=wire)
             seconds.append(time.perf_counter() - t)
         extras.append(peak.extra)
     tracemalloc.start()
-    await load_into(client, model, None, transport=transport, chunk_bytes=CHUNK, threads=THREADS)
+    await load_into(client, model, None, transport=transport, chunk_bytes=CHUNK, threads=THREADS, wire=wire)
     python_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     out = {"version": loaded.version, "load_s": min(seconds), "first_load_rss_extra_bytes": extras[0],
            "steady_rss_extra_bytes": max(extras[1:]), "python_peak_bytes": python_peak}
-    if transport == "grpc":
+    if wire == "grpcio":
         out["raw_grpc_python_peak_bytes"] = await raw_python_peak(raw_address, sum(t.nbytes for t in model.values()))
     print(json.dumps(out), flush=True)
 
 
-def fresh_reader(address: str, size: str, transport: str, raw_address: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--reader", address, size, transport, raw_address,
+def fresh_reader(address: str, size: str, label: str, raw_address: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--reader", address, size, label, raw_address,
                           f"--chunk-bytes={CHUNK}"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -288,7 +293,11 @@ def servers(threads: int):
             p.wait(30)
 
 
-async def store_put_get(client, transport: str, src: dict, dst: dict, repeats: int, first_version: int,
+# label -> (transport, wire) of publish and load_into.
+LABELS = {"shm": ("shm", "auto"), "grpc": ("grpc", "auto"), "grpc_grpcio": ("grpc", "grpcio")}
+
+
+async def store_put_get(client, label: str, src: dict, dst: dict, repeats: int, first_version: int,
                         baseline: int) -> dict:
     """publish + load_into: two cold rounds, then `repeats` timed ones (best times).
 
@@ -296,19 +305,20 @@ async def store_put_get(client, transport: str, src: dict, dst: dict, repeats: i
     live until it completes); from the third on, each publish refills the segment freed by the
     version before last, as in an RL loop that publishes every step.
     """
+    transport, wire = LABELS[label]
     nbytes = sum(v.nbytes for v in src.values())
     results, version = {}, first_version
     best_put = best_get = float("inf")
     extra = grown = 0
     for i in range(2 + repeats):
         t = time.perf_counter()
-        await publish(client, src, version, transport=transport, chunk_bytes=CHUNK, threads=THREADS)
+        await publish(client, src, version, transport=transport, chunk_bytes=CHUNK, threads=THREADS, wire=wire)
         put = time.perf_counter() - t
         for k in dst.values():  # so that the check below proves this load wrote everything; memset,
             ctypes.memset(k.data_ptr(), 0, k.nbytes)  # not zero_: OpenMP's spinning would slow the load
         with PeakSampler() as peak:
             t = time.perf_counter()
-            await load_into(client, dst, version, transport=transport, chunk_bytes=CHUNK, threads=THREADS)
+            await load_into(client, dst, version, transport=transport, chunk_bytes=CHUNK, threads=THREADS, wire=wire)
             get = time.perf_counter() - t
         version += 1
         if i == 0:
@@ -332,7 +342,7 @@ async def bench_size(size: str, store_address: str, raw_address: str, repeats: i
     out = {"params": params, "bytes": nbytes, "tensors": len(src), "largest_tensor_bytes": max(v.nbytes for v in src.values())}
     client = WeightStoreClient(store_address, timeout=600)
     version, memcpy, raw, baseline = first_version, [], [], rss_anon()
-    for transport in ("shm", "grpc"):
+    for label in LABELS:
         # References right before each store run, best of all: a shared machine's load drifts.
         # Best of >= 10: torch's OpenMP copy_ stalls whenever another process holds a core (4 tries
         # gave 0.3 GB/s on a loaded 2-core machine); more tries only make the reference harder to
@@ -340,32 +350,36 @@ async def bench_size(size: str, store_address: str, raw_address: str, repeats: i
         # a shared machine measured luck as much as speed.
         memcpy.append(memcpy_gbps(src, dst, max(10, repeats + 1)))
         raw.append(await raw_grpc_gbps(raw_address, nbytes, repeats))
-        r = await store_put_get(client, transport, src, dst, repeats, version, baseline)
+        r = await store_put_get(client, label, src, dst, repeats, version, baseline)
         version = r.pop("next_version")
-        out[transport] = r
-        out[f"{transport}_put_get_gbps"] = r["put_get_gbps"]
-        print(f"[{size}] {transport}: {json.dumps(r)}", flush=True)
+        out[label] = r
+        out[f"{label}_put_get_gbps"] = r["put_get_gbps"]
+        print(f"[{size}] {label}: {json.dumps(r)}", flush=True)
     await client.close()
     del dst  # the fresh readers below bring their own model
-    for transport in ("shm", "grpc"):
-        out[transport]["fresh_reader"] = r = fresh_reader(store_address, size, transport, raw_address)
-        print(f"[{size}] fresh {transport} reader: {json.dumps(r)}", flush=True)
+    for label in LABELS:
+        out[label]["fresh_reader"] = r = fresh_reader(store_address, size, label, raw_address)
+        print(f"[{size}] fresh {label} reader: {json.dumps(r)}", flush=True)
     out["memcpy_torch_gbps"], out["memcpy_threads_gbps"] = max(m[0] for m in memcpy), max(m[1] for m in memcpy)
     out["memcpy_gbps"] = max(out["memcpy_torch_gbps"], out["memcpy_threads_gbps"])
     out["raw_grpc_gbps"], out["raw_grpc_upload_gbps"], out["raw_grpc_download_gbps"] = max(raw)
     out["shm_vs_memcpy"] = out["shm_put_get_gbps"] / out["memcpy_gbps"]
     out["grpc_vs_raw"] = out["grpc_put_get_gbps"] / out["raw_grpc_gbps"]
+    out["grpc_grpcio_vs_raw"] = out["grpc_grpcio_put_get_gbps"] / out["raw_grpc_gbps"]
     # In a fresh reader process: nothing of the publisher's retained heap counts as baseline.
     for key in ("first_load_rss_extra_bytes", "steady_rss_extra_bytes", "python_peak_bytes"):
-        out[f"load_{key}"] = max(out[t]["fresh_reader"][key] for t in ("shm", "grpc"))
+        out[f"load_{key}"] = max(out[t]["fresh_reader"][key] for t in ("shm", "grpc"))  # the SDK's defaults
+        out[f"load_grpcio_{key}"] = out["grpc_grpcio"]["fresh_reader"][key]
     out["peak_extra_memory_limit_bytes"] = int(1.1 * CHUNK)  # 1.1 x largest chunk (the model is preallocated)
-    out["load_raw_grpc_python_peak_bytes"] = out["grpc"]["fresh_reader"]["raw_grpc_python_peak_bytes"]
+    out["load_raw_grpc_python_peak_bytes"] = out["grpc_grpcio"]["fresh_reader"]["raw_grpc_python_peak_bytes"]
     print(f"[{size}] memcpy {out['memcpy_gbps']:.2f} GB/s (torch {out['memcpy_torch_gbps']:.2f}, "
           f"{THREADS} threads {out['memcpy_threads_gbps']:.2f}), raw gRPC {out['raw_grpc_gbps']:.2f} GB/s, "
           f"shm put+get {out['shm_put_get_gbps']:.2f} GB/s (x{out['shm_vs_memcpy']:.2f} memcpy), "
-          f"gRPC put+get {out['grpc_put_get_gbps']:.2f} GB/s (x{out['grpc_vs_raw']:.2f} raw), "
+          f"gRPC put+get {out['grpc_put_get_gbps']:.2f} GB/s (x{out['grpc_vs_raw']:.2f} raw; loads through grpcio "
+          f"{out['grpc_grpcio_put_get_gbps']:.2f}, x{out['grpc_grpcio_vs_raw']:.2f}), "
           f"load extra memory: steady {out['load_steady_rss_extra_bytes'] / 2**20:.1f} MiB RSS, "
-          f"python {out['load_python_peak_bytes'] / 2**20:.1f} MiB (a plain grpc.aio download of the same "
+          f"python {out['load_python_peak_bytes'] / 2**20:.1f} MiB (through grpcio "
+          f"{out['load_grpcio_python_peak_bytes'] / 2**20:.1f}; a plain grpc.aio download of the same "
           f"messages: {out['load_raw_grpc_python_peak_bytes'] / 2**20:.1f}; "
           f"limit {out['peak_extra_memory_limit_bytes'] / 2**20:.1f})", flush=True)
     return out
@@ -406,7 +420,7 @@ if __name__ == "__main__":
     parser.add_argument("--chunk-bytes", type=int, default=CHUNK, help="gRPC message size, store and reference")
     parser.add_argument("--out", default=str(ROOT / "bench/results/weight_sync.json"), help="results file")
     parser.add_argument("--raw-server", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--reader", nargs=4, metavar=("ADDRESS", "SIZE", "TRANSPORT", "RAW_ADDRESS"),
+    parser.add_argument("--reader", nargs=4, metavar=("ADDRESS", "SIZE", "LABEL", "RAW_ADDRESS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     CHUNK = args.chunk_bytes

@@ -50,6 +50,8 @@ class AsyncClient:
         self.retry = retry
         self._channel = channel or open_channel(address, settings)
         self._metadata = settings.metadata()
+        # An SDK-opened channel without TLS: bulk weight streams may bypass grpcio (clients/h2stream.py).
+        self._plaintext = channel is None and not settings.tls_ca
         self._calls: dict[str, Any] = {}
         self._idempotent: dict[str, bool] = {}
 

@@ -34,13 +34,17 @@ class ForgeRPCError(Exception):
     def from_rpc_error(cls, error: grpc.RpcError, method: str = "", address: str = "") -> "ForgeRPCError":
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         message = (error.details() if hasattr(error, "details") else str(error)) or ""
-        reason, details = code.name, {}
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-        for key, value in trailing or ():
-            if key != _DETAILS_KEY:
-                continue
-            status = status_pb2.Status.FromString(value)
-            for any_detail in status.details:
+        status_details = next((value for key, value in trailing or () if key == _DETAILS_KEY), b"")
+        return cls.from_status(code, message, status_details, method, address)
+
+    @classmethod
+    def from_status(cls, code: grpc.StatusCode, message: str, status_details: bytes = b"",
+                    method: str = "", address: str = "") -> "ForgeRPCError":
+        """From a call's status, message and `grpc-status-details-bin` (a google.rpc.Status)."""
+        reason, details = code.name, {}
+        if status_details:
+            for any_detail in status_pb2.Status.FromString(status_details).details:
                 info = error_details_pb2.ErrorInfo()
                 if any_detail.Unpack(info):
                     reason, details = info.reason, dict(info.metadata)

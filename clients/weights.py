@@ -36,6 +36,7 @@ import grpc
 
 from forgerpc.clients import weights_shm
 from forgerpc.clients.errors import ForgeRPCError
+from forgerpc.clients.h2stream import H2Stream, split_address
 from forgerpc.clients.weights_shm import SHM_DIR, buffer_address, forget_segments  # noqa: F401 (public here)
 from forgerpc.v1 import common_pb2, weight_store_pb2 as pb
 
@@ -234,14 +235,51 @@ async def _publish_shm(client, header: pb.PutWeightsHeader, items, threads: int,
         weights_shm.prune_uploads()  # the publish may have retired (and unlinked) older segments
 
 
-async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes: int, timeout) -> pb.PutWeightsResponse:
-    """Raw `data` messages, then one header with every tensor's checksum.
+def _data_pieces(specs, items, total: int, chunk_bytes: int, digests: list) -> Iterable[tuple[list, int]]:
+    """The version's flat buffer cut into `data` messages of chunk_bytes: ([views], size) each.
 
-    The checksums go last so that each tensor is hashed while its message is built (the hash
-    reads a <= chunk_bytes slice, the join that follows finds it in cache) instead of in a pass
-    of its own before the first byte can leave.
+    The views are the (cast) tensors' own bytes and zero padding, uncopied; each tensor is hashed
+    (xxh3_64, appended to `digests`) as its pieces are taken, so the hash reads a <= chunk_bytes
+    slice right before the message's send or join finds it in cache.
     """
     import xxhash
+    batch, size = [], 0
+
+    def add(piece: memoryview, hasher):
+        nonlocal batch, size
+        while len(piece):
+            take = min(len(piece), chunk_bytes - size)
+            if hasher is not None:
+                hasher.update(piece[:take])
+            batch.append(piece[:take])
+            size, piece = size + take, piece[take:]
+            if size == chunk_bytes:
+                yield batch, size
+                batch, size = [], 0
+
+    pos = 0
+    for spec, (_, tensor, out) in zip(specs, items):
+        if spec.offset > pos:
+            yield from add(memoryview(bytes(spec.offset - pos)), None)  # alignment padding
+        hasher = xxhash.xxh3_64()
+        yield from add(_byte_view(_cast(tensor, out)), hasher)
+        digests.append(hasher.intdigest())
+        pos = spec.offset + spec.byte_size
+    if total > pos:
+        yield from add(memoryview(bytes(total - pos)), None)
+    if size:
+        yield batch, size
+
+
+async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes: int, timeout,
+                        wire: str) -> pb.PutWeightsResponse:
+    """Raw `data` messages, then one header with every tensor's checksum.
+
+    The checksums go last so that each tensor is hashed right before its bytes leave instead of
+    in a pass of its own before the first byte can. Through H2Stream (`wire`, see load_into) the
+    messages are the tensors' own memory, gathered by the kernel; through grpcio each is first
+    joined into one `bytes`.
+    """
     try:  # a taken number fails the Put only after all bytes went over: ask first (one round trip)
         await client.get_manifest(version=header.version)
         raise ForgeRPCError(grpc.StatusCode.ALREADY_EXISTS, "VERSION_EXISTS",
@@ -250,45 +288,40 @@ async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes:
         if e.code != grpc.StatusCode.NOT_FOUND:
             raise
     specs, digests = header.manifest.tensors, []
+    first = pb.PutWeightsRequest(header=header).SerializeToString()  # checksums 0: sent last
+    pieces = _data_pieces(specs, items, header.manifest.total_bytes, chunk_bytes, digests)
+    last = lambda: _checksum_header(header.version, [t.name for t in specs], digests)  # noqa: E731
+    endpoint = _direct_endpoint(client, "grpc", wire)
+    if endpoint is not None:
+        stream = await asyncio.to_thread(H2Stream, endpoint, f"/{client.SERVICE.full_name}/PutWeights",
+                                         client._metadata, timeout or client.timeout, client.address)
 
-    def batches() -> Iterable[bytes]:
-        batch, size = [], 0
-
-        def add(piece: memoryview, hasher):
-            nonlocal batch, size
-            while len(piece):
-                take = min(len(piece), chunk_bytes - size)
-                if hasher is not None:
-                    hasher.update(piece[:take])
-                batch.append(piece[:take])
-                size, piece = size + take, piece[take:]
-                if size == chunk_bytes:
-                    yield data_message(batch, size)
-                    batch, size = [], 0
-
-        pos = 0
-        for spec, (_, tensor, out) in zip(specs, items):
-            if spec.offset > pos:
-                yield from add(memoryview(bytes(spec.offset - pos)), None)  # alignment padding
-            hasher = xxhash.xxh3_64()
-            yield from add(_byte_view(_cast(tensor, out)), hasher)
-            digests.append(hasher.intdigest())
-            pos = spec.offset + spec.byte_size
-        if header.manifest.total_bytes > pos:
-            yield from add(memoryview(bytes(header.manifest.total_bytes - pos)), None)
-        if size:
-            yield data_message(batch, size)
+        def put() -> bytes:
+            stream.send_message([first])
+            for batch, size in pieces:
+                stream.send_message([b"\x12", _varint(size), *batch])
+            stream.send_message([last()], end=True)
+            if (n := stream.next_message()) is None:
+                raise ForgeRPCError(grpc.StatusCode.INTERNAL, "INTERNAL", "PutWeights ended without a response")
+            raw = stream.read_bytes(n)
+            if stream.next_message() is not None:
+                raise ForgeRPCError(grpc.StatusCode.INTERNAL, "INTERNAL", "PutWeights sent two responses")
+            return raw
+        try:
+            return pb.PutWeightsResponse.FromString(await asyncio.to_thread(put))
+        finally:
+            stream.close()
 
     async def messages():
         """Builds message k+1 in a thread (bytes.join drops the GIL) while gRPC sends message k."""
-        yield pb.PutWeightsRequest(header=header).SerializeToString()  # checksums 0: sent last
-        loop, built = asyncio.get_running_loop(), batches()
+        yield first
+        loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(1, thread_name_prefix="publish") as pool:
-            upcoming = loop.run_in_executor(pool, next, built, None)
-            while (message := await upcoming) is not None:
-                upcoming = loop.run_in_executor(pool, next, built, None)
-                yield message
-        yield _checksum_header(header.version, [t.name for t in specs], digests)
+            upcoming = loop.run_in_executor(pool, next, pieces, None)
+            while (batch := await upcoming) is not None:
+                upcoming = loop.run_in_executor(pool, next, pieces, None)
+                yield data_message(*batch)
+        yield last()
 
     try:
         raw = await _rpc(client, "PutWeights", "stream_unary")(messages(), timeout=timeout or client.timeout,
@@ -301,7 +334,7 @@ async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes:
 async def publish(client, state_dict: Mapping[str, Any], version: int, *, producer: str = "", step: int = 0,
                   transport: str = "auto", dtype=None, name_map: NameMap | None = None,
                   chunk_bytes: int = CHUNK_BYTES, threads: int = 2,
-                  timeout: float | None = None) -> pb.PutWeightsResponse:
+                  timeout: float | None = None, wire: str = "auto") -> pb.PutWeightsResponse:
     """Publishes `state_dict` as `version`; it becomes visible only when complete and verified.
 
     Args:
@@ -313,6 +346,9 @@ async def publish(client, state_dict: Mapping[str, Any], version: int, *, produc
         name_map: renames tensors (trainer naming -> store naming); None drops one.
         threads: threads that copy and checksum into a shared-memory segment (memmove, copy_ and
             xxhash release the GIL).
+        wire: how a gRPC upload is sent: "direct" (the SDK's HTTP/2 writer, clients/h2stream.py:
+            the kernel gathers the tensors' own bytes), "grpcio", or "auto" (direct on a
+            plaintext channel the SDK opened, else grpcio).
     Raises:
         ForgeRPCError: DATA_LOSS on a checksum mismatch, ALREADY_EXISTS, INVALID_ARGUMENT, ...
     """
@@ -326,7 +362,7 @@ async def publish(client, state_dict: Mapping[str, Any], version: int, *, produc
         if transport == "shm":
             raise ForgeRPCError(grpc.StatusCode.FAILED_PRECONDITION, "SHARED_MEMORY_UNREACHABLE",
                                 "the store's shared memory is not reachable from this process")
-    return await _publish_grpc(client, header, items, chunk_bytes, timeout)
+    return await _publish_grpc(client, header, items, chunk_bytes, timeout, wire)
 
 
 # -- load -----------------------------------------------------------------------------------------
@@ -405,7 +441,8 @@ def _match(manifest, targets: dict, name_map: NameMap | None, strict: bool, part
 
 async def load_into(client, target, version: int | None = None, *, names: list[str] | None = None,
                     transport: str = "auto", name_map: NameMap | None = None, strict: bool = True,
-                    chunk_bytes: int = 0, threads: int = 2, timeout: float | None = None) -> common_pb2.WeightVersion:
+                    chunk_bytes: int = 0, threads: int = 2, timeout: float | None = None,
+                    wire: str = "auto") -> common_pb2.WeightVersion:
     """Copies a stored version into existing tensors, in place; returns the version loaded.
 
     Args:
@@ -418,20 +455,27 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
         name_map: store name -> target name (None skips the tensor), e.g. trainer -> HF naming.
         strict: every loaded tensor needs a target, and (full loads) every target a tensor.
         threads: threads that copy out of a shared-memory segment.
+        wire: how a gRPC stream is read. "direct": the SDK's own HTTP/2 reader (clients/h2stream.py),
+            which receives the bytes straight into the targets; "grpcio": grpcio's channel;
+            "auto": direct on a plaintext channel once the store is known to send over gRPC
+            (transport "grpc", or an earlier "auto" load answered that way), else grpcio.
     """
     tune_allocator()
     targets = _targets(target)
     request = pb.GetWeightsRequest(version=version or 0, latest=version is None, tensor_names=names or [],
                                    transport={"auto": pb.TRANSPORT_UNSPECIFIED, "shm": pb.TRANSPORT_SHARED_MEMORY,
                                               "grpc": pb.TRANSPORT_GRPC}[transport],
-                                   chunk_bytes=chunk_bytes, client_host_id=host_id())
-    call = _rpc(client, "GetWeights", "unary_stream")(request.SerializeToString(), timeout=timeout or client.timeout,
-                                                       metadata=client._metadata)
+                                   chunk_bytes=chunk_bytes, client_host_id=host_id()).SerializeToString()
+    endpoint = _direct_endpoint(client, transport, wire)
+    stream = (_GrpcioGet(client, request, timeout) if endpoint is None
+              else await _DirectGet.open(client, endpoint, request, timeout))
     try:
-        first = await call.read()
-        if first is grpc.aio.EOF:
+        first = await stream.first()
+        if first is None:
             raise ForgeRPCError(grpc.StatusCode.DATA_LOSS, "SHORT_STREAM", "GetWeights ended before its header")
         header = pb.GetWeightsResponse.FromString(first).header
+        if transport == "auto":  # remembered for `wire="auto"`: the next load reads this store directly
+            client._weights_over_grpc = header.transport == pb.TRANSPORT_GRPC
         if header.transport == pb.TRANSPORT_SHARED_MEMORY:
             try:
                 pairs = _match(header.manifest, targets, name_map, strict, bool(names))
@@ -446,54 +490,198 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
                                     f"segment {header.segment_name} is not visible from this process")
             return await load_into(client, target, header.version.version, names=names, transport="grpc",
                                    name_map=name_map, strict=strict, chunk_bytes=chunk_bytes, threads=threads,
-                                   timeout=timeout)
+                                   timeout=timeout, wire=wire)
         pairs = _match(header.manifest, targets, name_map, strict, bool(names))
-        await _receive(call, pairs, header.manifest.total_bytes)
+        await stream.receive(pairs, header.manifest.total_bytes)
         return header.version
     except grpc.aio.AioRpcError as e:
         raise _error(client, "GetWeights", e) from None
     finally:
-        call.cancel()  # no-op when finished; stops the server stream if we bailed out early
+        stream.close()  # no-op when finished; stops the server stream if we bailed out early
+
+
+def _direct_endpoint(client, transport: str, wire: str) -> tuple[str, int] | None:
+    """(host, port) to stream weights with H2Stream, or None for grpcio (see load_into's `wire`)."""
+    if wire not in ("auto", "direct", "grpcio"):
+        raise ValueError(f"wire: {wire!r} is not one of 'auto', 'direct', 'grpcio'")
+    endpoint = split_address(client.address) if getattr(client, "_plaintext", False) else None
+    if wire == "direct":
+        if endpoint is None:
+            raise ValueError(f"wire='direct' needs a plaintext channel the SDK opened to a host:port address, "
+                             f"not {client.address!r}")
+        return endpoint
+    over_grpc = transport == "grpc" or (transport == "auto" and getattr(client, "_weights_over_grpc", False))
+    return endpoint if wire == "auto" and over_grpc else None
+
+
+class _GrpcioGet:
+    """GetWeights through grpcio: one `bytes` per message, routed into the targets."""
+
+    def __init__(self, client, request: bytes, timeout):
+        self.call = _rpc(client, "GetWeights", "unary_stream")(request, timeout=timeout or client.timeout,
+                                                              metadata=client._metadata)
+
+    async def first(self) -> bytes | None:
+        first = await self.call.read()
+        return None if first is grpc.aio.EOF else first
+
+    async def receive(self, pairs, total: int) -> None:
+        """Copies each message into the targets before taking the next one off the call.
+
+        At most one received message is alive here: `call.read()` rather than `async for`,
+        whose generator would hold message k while message k+1 is being built. grpcio itself
+        assembles each message in a bytearray and then copies it into bytes, so the Python peak
+        of a load is about 2 messages (ReceiveMessageOperation.un_c), not 1.
+        """
+        router, pos = _Router(pairs), 0
+        while (raw := await self.call.read()) is not grpc.aio.EOF:
+            data = _data_of(raw)
+            router.feed(pos, data)
+            pos += len(data)
+            del raw, data  # freed before the next message is built
+        router.check(pos, total)
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+class _DirectGet:
+    """GetWeights read off the socket by H2Stream, in a thread: the kernel writes into the targets."""
+
+    def __init__(self, stream: H2Stream):
+        self.stream = stream
+
+    @classmethod
+    async def open(cls, client, endpoint, request: bytes, timeout) -> "_DirectGet":
+        def start() -> H2Stream:
+            stream = H2Stream(endpoint, f"/{client.SERVICE.full_name}/GetWeights", client._metadata,
+                              timeout or client.timeout, client.address)
+            try:
+                stream.send_message([request], end=True)
+            except BaseException:
+                stream.close()
+                raise
+            return stream
+        return cls(await asyncio.to_thread(start))
+
+    async def first(self) -> bytes | None:
+        def read():
+            n = self.stream.next_message()
+            return None if n is None else self.stream.read_bytes(n)
+        return await asyncio.to_thread(read)
+
+    async def receive(self, pairs, total: int) -> None:
+        await asyncio.to_thread(_receive_direct, self.stream, pairs, total)
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class _Router:
-    """Sends each received message's bytes to the tensors it overlaps, in buffer order."""
+    """Sends the stream's bytes, in buffer order, to the tensors they belong to."""
 
     def __init__(self, pairs):
         self.writers = [_Writer(spec, t) for spec, t in pairs]
         self.i = 0
 
+    def route(self, pos: int, size: int, fill: Callable[["_Writer", int, int, int], None]) -> None:
+        """fill(writer, rel, start, n) for each piece of the stream's bytes [pos, pos + size) that a
+        target owns (rel: offset in its tensor, start: offset from pos), in increasing `start`;
+        finishes every tensor whose last byte is in the range."""
+        end = pos + size
+        while self.i < len(self.writers):
+            writer = self.writers[self.i]
+            spec = writer.spec
+            lo, hi = max(pos, spec.offset), min(end, spec.offset + spec.byte_size)
+            if lo < hi:
+                fill(writer, lo - spec.offset, lo - pos, hi - lo)
+            if spec.offset + spec.byte_size > end:
+                return
+            writer.finish()
+            self.i += 1
+
     def feed(self, pos: int, data: memoryview) -> None:
-        end, base = pos + len(data), buffer_address(data) if len(data) else 0  # one address per message
+        """Routes a received message's bytes (the grpcio path, or a message that was not data-only)."""
+        base = buffer_address(data) if len(data) else 0  # one address per message
         with warnings.catch_warnings():  # torch.frombuffer of the read-only message (casts, CUDA)
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            while self.i < len(self.writers):
-                writer = self.writers[self.i]
-                spec = writer.spec
-                lo, hi = max(pos, spec.offset), min(end, spec.offset + spec.byte_size)
-                if lo < hi:
-                    writer.write(lo - spec.offset, data[lo - pos:hi - pos], base + lo - pos)
-                if spec.offset + spec.byte_size > end:
-                    return
-                writer.finish()
-                self.i += 1
+            self.route(pos, len(data), lambda w, rel, start, n: w.write(rel, data[start:start + n], base + start))
+
+    def check(self, pos: int, total: int) -> None:
+        if pos != total or self.i != len(self.writers):
+            raise ForgeRPCError(grpc.StatusCode.DATA_LOSS, "SHORT_STREAM", f"received {pos} of {total} bytes")
 
 
-async def _receive(call, pairs, total: int) -> None:
-    """Copies each message into the targets before taking the next one off the call.
+def _memory_at(address: int, n: int) -> memoryview:
+    """A writable view of n bytes at `address` (a target tensor's storage, kept alive by the caller)."""
+    return memoryview((ctypes.c_char * n).from_address(address)).cast("B")
 
-    At most one received message is alive here: `call.read()` rather than `async for`, whose
-    generator would hold message k while message k+1 is being built. gRPC's core keeps reading
-    the socket into its own buffers (within HTTP/2 flow control) while this copies, so the wire
-    does not wait for the copy (a memmove of 4 MiB: ~0.3 ms). grpcio itself assembles each
-    message in a bytearray and then copies it into bytes, so the Python peak of a load is about
-    2 messages (ReceiveMessageOperation.un_c), not 1.
+
+def _receive_direct(stream: H2Stream, pairs, total: int) -> None:
+    """Reads every data message of a GetWeights stream into the targets (runs in a thread).
+
+    A same-dtype CPU target receives its bytes straight from the socket (`recv_into` its
+    storage: the kernel's copy is the only one); casts and other devices go through a 1 MiB
+    bounce buffer, as do the bytes no target wants (alignment gaps, tensors a name_map skips).
+    So the extra memory of a load is at most that buffer, whatever the chunk size.
     """
-    router, pos = _Router(pairs), 0
-    while (raw := await call.read()) is not grpc.aio.EOF:
-        data = _data_of(raw)
-        router.feed(pos, data)
-        pos += len(data)
-        del raw, data  # freed before the next message is built
-    if pos != total or router.i != len(router.writers):
-        raise ForgeRPCError(grpc.StatusCode.DATA_LOSS, "SHORT_STREAM", f"received {pos} of {total} bytes")
+    router, pos, bounce = _Router(pairs), 0, bytearray(0)
+
+    def drop(n: int) -> None:
+        while n > 0:
+            k = min(n, len(bounce))
+            stream.read_into(memoryview(bounce)[:k])
+            n -= k
+
+    while (n := stream.next_message()) is not None:
+        size, head = _data_prefix(stream, n)
+        if size < 0:  # not a data-only message: parse it whole (header-sized, or another server's encoding)
+            data = _data_of(head + stream.read_bytes(n - len(head)))
+            router.feed(pos, data)
+            pos += len(data)
+            continue
+        if not bounce:
+            bounce = bytearray(1 << 20)
+        cursor = 0  # bytes of this message's data read so far
+
+        def fill(writer, rel: int, start: int, count: int) -> None:
+            nonlocal cursor
+            drop(start - cursor)
+            if writer.address is not None:
+                stream.read_into(_memory_at(writer.address + rel, count))
+            else:
+                done = 0
+                while done < count:
+                    view = memoryview(bounce)[:min(count - done, len(bounce))]
+                    stream.read_into(view)
+                    writer.write(rel + done, view, buffer_address(view))
+                    done += len(view)
+            cursor = start + count
+
+        router.route(pos, size, fill)
+        drop(size - cursor)
+        pos += size
+    router.check(pos, total)
+
+
+def _data_prefix(stream: H2Stream, n: int) -> tuple[int, bytes]:
+    """Reads the tag and length of a data-only message's `data` field (#2) off the stream.
+
+    Returns (length of the data, the bytes read); the length is -1 when the message of n bytes
+    is anything else, and the caller parses those bytes plus the rest with protobuf.
+    """
+    head = bytearray()
+    if n == 0:
+        return -1, b""
+    head += stream.read_bytes(1)
+    if head[0] != 0x12:
+        return -1, bytes(head)
+    size, shift = 0, 0
+    while len(head) < min(n, 11):
+        byte = stream.read_bytes(1)[0]
+        head.append(byte)
+        size |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return (size, bytes(head)) if len(head) + size == n else (-1, bytes(head))
+    return -1, bytes(head)

@@ -33,7 +33,7 @@ if [ "${1:-}" = prepare ]; then
           protobuf==7.36.2 googleapis-common-protos==1.76.0 pydantic==2.14.4 pydantic-core==2.50.5
           annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 omegaconf==2.4.0
           antlr4-python3-runtime==4.13.2 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2
-          opentelemetry-semantic-conventions==0.66b2 redis==8.1.0
+          opentelemetry-semantic-conventions==0.66b2 redis==8.1.0 hpack==4.2.0
           torchtitan==0.3.0 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 spmd-types==0.2.3 dill==0.4.0)
     for r in "${reqs[@]}"; do
         .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -5,12 +5,16 @@
 bench/weight_sync.py gives the ratios; this splits them. Each figure is best and median of
 --rounds on warm channels (ms):
 
-    drain      GetWeights read to the end, bytes dropped: the store's Get side + the wire
-    load       load_into a model: drain + the client's copy into the tensors
+    drain      GetWeights read to the end through grpcio, bytes dropped: the store's Get side + the wire
+    load       load_into a model, the SDK's default (its own HTTP/2 stream: the socket's bytes
+               received straight into the tensors)
+    load_grpcio   the same through grpcio: drain + the client's copy into the tensors
     raw_down   a plain grpc.aio download of as many bytes (weight_sync.py's raw server)
     replay     PutWeights fed the messages `publish` built for an earlier version, kept in memory:
                the store's receive (copy into the version's segment + xxh3) + the wire
-    publish    publish: replay + the client's build (tensor -> message copy + xxh3)
+    publish    publish, the SDK's default (its own HTTP/2 stream: xxh3 of each message, then the
+               kernel gathers the tensors' bytes)
+    publish_grpcio   publish through grpcio: replay + the client's build (tensor -> message copy + xxh3)
     raw_up     a plain grpc.aio upload of as many bytes
 
 The replayed messages are captured by running `publish` against a stand-in for the PutWeights
@@ -55,7 +59,7 @@ async def captured_messages(client, src: dict, version: int) -> list[bytes]:
 
     W._rpc = stand_in
     try:
-        await W.publish(client, src, version, transport="grpc", chunk_bytes=ws.CHUNK)
+        await W.publish(client, src, version, transport="grpc", chunk_bytes=ws.CHUNK, wire="grpcio")
     except Captured:
         pass
     finally:
@@ -69,11 +73,12 @@ async def main(rounds: int) -> None:
         await client.wait_ready()
         src, dst = ws.llama_state_dict("135m", fill=True), ws.llama_state_dict("135m", fill=False)
         nbytes = sum(v.nbytes for v in src.values())
-        # Versions must grow (the store keeps the newest): round i publishes 2i + 1, replays 2i + 2.
-        replays = [await captured_messages(client, src, 2 * i + 2) for i in range(rounds)]
+        # Versions must grow (the store keeps the newest): round i publishes 3i + 1 and 3i + 2, replays 3i + 3.
+        replays = [await captured_messages(client, src, 3 * i + 3) for i in range(rounds)]
         put = W._rpc(client, "PutWeights", "stream_unary")
         get = W._rpc(client, "GetWeights", "unary_stream")
-        times = {k: [] for k in ("drain", "load", "replay", "publish")}
+        keys = ("drain", "load", "load_grpcio", "replay", "publish", "publish_grpcio")
+        times = {k: [] for k in keys}
 
         async def timed(key, coro):
             t = time.perf_counter()
@@ -94,15 +99,19 @@ async def main(rounds: int) -> None:
             await put(stream(), timeout=600)
 
         for i in range(rounds):
-            await timed("publish", W.publish(client, src, 2 * i + 1, transport="grpc", chunk_bytes=ws.CHUNK))
-            await timed("drain", drain(2 * i + 1))
-            await timed("load", W.load_into(client, dst, 2 * i + 1, transport="grpc", chunk_bytes=ws.CHUNK))
+            await timed("publish_grpcio", W.publish(client, src, 3 * i + 1, transport="grpc", chunk_bytes=ws.CHUNK,
+                                                    wire="grpcio"))
+            await timed("publish", W.publish(client, src, 3 * i + 2, transport="grpc", chunk_bytes=ws.CHUNK))
+            await timed("drain", drain(3 * i + 2))
+            await timed("load", W.load_into(client, dst, 3 * i + 2, transport="grpc", chunk_bytes=ws.CHUNK))
+            await timed("load_grpcio", W.load_into(client, dst, 3 * i + 2, transport="grpc", chunk_bytes=ws.CHUNK,
+                                                   wire="grpcio"))
             await timed("replay", replay(replays[i]))
         _, up, down = await ws.raw_grpc_gbps(raw_address, nbytes, rounds)
         print(f"135m: {nbytes / 1e6:.0f} MB, {rounds} rounds (ms: best / median)")
-        for key in ("drain", "load", "replay", "publish"):
-            print(f"  {key:8s} {min(times[key]) * 1e3:6.1f} / {statistics.median(times[key]) * 1e3:6.1f}")
-        print(f"  raw_down {nbytes / down / 1e6:6.1f} (best)\n  raw_up   {nbytes / up / 1e6:6.1f} (best)")
+        for key in keys:
+            print(f"  {key:14s} {min(times[key]) * 1e3:6.1f} / {statistics.median(times[key]) * 1e3:6.1f}")
+        print(f"  {'raw_down':14s} {nbytes / down / 1e6:6.1f} (best)\n  {'raw_up':14s} {nbytes / up / 1e6:6.1f} (best)")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ class AsyncClient:
         self.retry = retry
         self._channel = channel or open_channel(address, settings)
         self._metadata = settings.metadata()
-        # An SDK-opened channel without TLS: bulk weight streams may bypass grpcio (clients/h2stream.py).
-        self._plaintext = channel is None and not settings.tls_ca
+        # How to reach the service without grpcio (clients/h2stream.py: bulk weight streams); None
+        # for a caller's channel, whose settings the SDK doesn't know.
+        self._settings = settings if channel is None else None
         self._calls: dict[str, Any] = {}
         self._idempotent: dict[str, bool] = {}
 

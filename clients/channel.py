@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import ssl
 
 import grpc
 
@@ -53,3 +54,15 @@ def open_channel(address: str, settings: ChannelSettings = ChannelSettings()) ->
         certificate_chain=read(settings.tls_cert),
     )
     return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def ssl_context(settings: ChannelSettings) -> ssl.SSLContext | None:
+    """The TLS settings of `open_channel` as an ssl.SSLContext (ALPN h2), for the SDK's own HTTP/2
+    streams (clients/h2stream.py); None for a plaintext channel."""
+    if not settings.tls_ca:
+        return None
+    context = ssl.create_default_context(cafile=settings.tls_ca)
+    if settings.tls_cert:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    context.set_alpn_protocols(["h2"])
+    return context

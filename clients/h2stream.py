@@ -14,7 +14,9 @@ a blocking socket: the caller hands `send_message` a list of buffers (tensor mem
 kernel's `sendmsg` gathers them) and `recv_into`s the memory a received message's bytes are meant
 for, so the kernel's copy is the only one each way. Deliberately small:
 
-* one call per connection, h2c with prior knowledge (plaintext): a TLS channel stays on grpcio;
+* one call per connection: h2c with prior knowledge (plaintext), or TLS (ALPN "h2") from an
+  `ssl.SSLContext` (clients/channel.py `ssl_context`: the channel's CA, client certificate and
+  name override); TLS can't gather buffers in one `sendmsg`, so each is written on its own;
 * the client sends all of its messages before it reads the response (unary or client-streaming
   requests, any response): a response that arrives before the request ended is an error unless
   it is the call's final status;
@@ -37,6 +39,7 @@ from __future__ import annotations
 import base64
 import select
 import socket
+import ssl
 import struct
 import time
 import urllib.parse
@@ -93,7 +96,8 @@ class H2Stream:
     """
 
     def __init__(self, endpoint: tuple[str, int], method: str,
-                 metadata: tuple[tuple[str, str], ...] = (), timeout: float = 60.0, address: str = ""):
+                 metadata: tuple[tuple[str, str], ...] = (), timeout: float = 60.0, address: str = "",
+                 tls: ssl.SSLContext | None = None, server_name: str = ""):
         self.method, self.address = method, address or f"{endpoint[0]}:{endpoint[1]}"
         self._deadline = time.monotonic() + timeout
         self._frame_left = 0  # DATA payload bytes of the current frame still to read (padding excluded)
@@ -108,6 +112,7 @@ class H2Stream:
         self._window, self._stream_window, self._peer_initial, self._peer_frame = 65535, 65535, 65535, 16384
         self._small = bytearray(16)
         self._decoder = hpack.Decoder()
+        self._tls = tls is not None
         try:
             self._sock = socket.create_connection(endpoint, timeout=timeout)
         except socket.timeout:
@@ -115,7 +120,16 @@ class H2Stream:
         except OSError as e:
             raise self._fail(grpc.StatusCode.UNAVAILABLE, f"failed to connect to {self.address}: {e}") from None
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        headers = [(":method", "POST"), (":scheme", "http"), (":path", method), (":authority", self.address),
+        if tls is not None:
+            try:
+                self._sock = tls.wrap_socket(self._sock, server_hostname=server_name or endpoint[0])
+            except (OSError, ValueError) as e:  # handshake refused, certificate not trusted, timeout
+                self._sock.close()
+                raise self._fail(grpc.StatusCode.UNAVAILABLE, f"TLS handshake with {self.address} failed: {e}") from None
+            if self._sock.selected_alpn_protocol() != "h2":
+                self.close()
+                raise self._fail(grpc.StatusCode.UNAVAILABLE, f"{self.address} did not agree to HTTP/2 (ALPN h2)")
+        headers = [(":method", "POST"), (":scheme", "https" if tls is not None else "http"), (":path", method), (":authority", self.address),
                    ("content-type", "application/grpc"), ("te", "trailers"), ("user-agent", "forgerpc-h2stream"),
                    ("grpc-accept-encoding", "identity"),
                    ("grpc-timeout", f"{min(int(timeout * 1000), 99_999_999)}m"), *metadata]
@@ -212,8 +226,8 @@ class H2Stream:
 
     def close(self) -> None:
         """Drops the connection (the server sees the call cancelled unless it had ended)."""
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread
+        try:  # wakes a recv blocked in another thread (the plain socket's shutdown, also under TLS)
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
         except OSError:
             pass
         self._sock.close()
@@ -284,7 +298,7 @@ class H2Stream:
         Stops at the response's first DATA frame (gRPC servers may answer as soon as a request
         message is in): its payload is left for next_message, sending goes on while the window lasts.
         """
-        while block or select.select([self._sock], [], [], 0)[0]:
+        while block or (self._tls and self._sock.pending()) or select.select([self._sock], [], [], 0)[0]:
             block = False
             head = self._recv_small(9)
             size, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
@@ -369,6 +383,10 @@ class H2Stream:
         """Sends every buffer, in order, gathered by the kernel (partial sends resumed)."""
         try:
             self._sock.settimeout(max(self._deadline - time.monotonic(), 0.001))
+            if self._tls:  # an SSLSocket has no sendmsg: each buffer becomes its own TLS records
+                for buffer in buffers:
+                    self._sock.sendall(buffer)
+                return
             while buffers:
                 sent = self._sock.sendmsg(buffers)
                 while buffers and sent >= len(buffers[0]):

@@ -36,6 +36,7 @@ import grpc
 
 from forgerpc.clients import weights_shm
 from forgerpc.clients.errors import ForgeRPCError
+from forgerpc.clients.channel import ssl_context
 from forgerpc.clients.h2stream import H2Stream, split_address
 from forgerpc.clients.weights_shm import SHM_DIR, buffer_address, forget_segments  # noqa: F401 (public here)
 from forgerpc.v1 import common_pb2, weight_store_pb2 as pb
@@ -291,10 +292,9 @@ async def _publish_grpc(client, header: pb.PutWeightsHeader, items, chunk_bytes:
     first = pb.PutWeightsRequest(header=header).SerializeToString()  # checksums 0: sent last
     pieces = _data_pieces(specs, items, header.manifest.total_bytes, chunk_bytes, digests)
     last = lambda: _checksum_header(header.version, [t.name for t in specs], digests)  # noqa: E731
-    endpoint = _direct_endpoint(client, "grpc", wire)
-    if endpoint is not None:
-        stream = await asyncio.to_thread(H2Stream, endpoint, f"/{client.SERVICE.full_name}/PutWeights",
-                                         client._metadata, timeout or client.timeout, client.address)
+    direct = _direct(client, "grpc", wire)
+    if direct is not None:
+        stream = await asyncio.to_thread(direct, "PutWeights", timeout or client.timeout)
 
         def put() -> bytes:
             stream.send_message([first])
@@ -347,8 +347,8 @@ async def publish(client, state_dict: Mapping[str, Any], version: int, *, produc
         threads: threads that copy and checksum into a shared-memory segment (memmove, copy_ and
             xxhash release the GIL).
         wire: how a gRPC upload is sent: "direct" (the SDK's HTTP/2 writer, clients/h2stream.py:
-            the kernel gathers the tensors' own bytes), "grpcio", or "auto" (direct on a
-            plaintext channel the SDK opened, else grpcio).
+            the kernel gathers the tensors' own bytes), "grpcio", or "auto" (direct on a channel
+            the SDK opened, plaintext or TLS; grpcio on a channel passed in).
     Raises:
         ForgeRPCError: DATA_LOSS on a checksum mismatch, ALREADY_EXISTS, INVALID_ARGUMENT, ...
     """
@@ -457,8 +457,9 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
         threads: threads that copy out of a shared-memory segment.
         wire: how a gRPC stream is read. "direct": the SDK's own HTTP/2 reader (clients/h2stream.py),
             which receives the bytes straight into the targets; "grpcio": grpcio's channel;
-            "auto": direct on a plaintext channel once the store is known to send over gRPC
-            (transport "grpc", or an earlier "auto" load answered that way), else grpcio.
+            "auto": direct once the store is known to send over gRPC (transport "grpc", or an
+            earlier "auto" load answered that way) on a channel the SDK opened (plaintext or
+            TLS), else grpcio.
     """
     tune_allocator()
     targets = _targets(target)
@@ -466,9 +467,9 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
                                    transport={"auto": pb.TRANSPORT_UNSPECIFIED, "shm": pb.TRANSPORT_SHARED_MEMORY,
                                               "grpc": pb.TRANSPORT_GRPC}[transport],
                                    chunk_bytes=chunk_bytes, client_host_id=host_id()).SerializeToString()
-    endpoint = _direct_endpoint(client, transport, wire)
-    stream = (_GrpcioGet(client, request, timeout) if endpoint is None
-              else await _DirectGet.open(client, endpoint, request, timeout))
+    direct = _direct(client, transport, wire)
+    stream = (_GrpcioGet(client, request, timeout) if direct is None
+              else await _DirectGet.open(direct, request, timeout or client.timeout))
     try:
         first = await stream.first()
         if first is None:
@@ -500,18 +501,26 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
         stream.close()  # no-op when finished; stops the server stream if we bailed out early
 
 
-def _direct_endpoint(client, transport: str, wire: str) -> tuple[str, int] | None:
-    """(host, port) to stream weights with H2Stream, or None for grpcio (see load_into's `wire`)."""
+def _direct(client, transport: str, wire: str) -> Callable[[str, float], H2Stream] | None:
+    """open(method, timeout) -> an H2Stream to the store (blocking), or None to stay on grpcio
+    (see load_into's `wire`): the SDK must have opened the channel itself (it then knows its TLS
+    settings) to a plain host:port address."""
     if wire not in ("auto", "direct", "grpcio"):
         raise ValueError(f"wire: {wire!r} is not one of 'auto', 'direct', 'grpcio'")
-    endpoint = split_address(client.address) if getattr(client, "_plaintext", False) else None
-    if wire == "direct":
-        if endpoint is None:
-            raise ValueError(f"wire='direct' needs a plaintext channel the SDK opened to a host:port address, "
-                             f"not {client.address!r}")
-        return endpoint
+    settings = getattr(client, "_settings", None)
+    endpoint = split_address(client.address) if settings is not None else None
     over_grpc = transport == "grpc" or (transport == "auto" and getattr(client, "_weights_over_grpc", False))
-    return endpoint if wire == "auto" and over_grpc else None
+    if wire == "direct" and endpoint is None:
+        raise ValueError(f"wire='direct' needs a channel the SDK opened to a host:port address, not {client.address!r}")
+    if endpoint is None or wire == "grpcio" or (wire == "auto" and not over_grpc):
+        return None
+    if not hasattr(client, "_ssl_context"):  # the CA and certificate files, read once per client
+        client._ssl_context = ssl_context(settings)
+
+    def open_stream(method: str, timeout: float) -> H2Stream:
+        return H2Stream(endpoint, f"/{client.SERVICE.full_name}/{method}", client._metadata, timeout,
+                        client.address, tls=client._ssl_context, server_name=settings.server_name)
+    return open_stream
 
 
 class _GrpcioGet:
@@ -552,10 +561,9 @@ class _DirectGet:
         self.stream = stream
 
     @classmethod
-    async def open(cls, client, endpoint, request: bytes, timeout) -> "_DirectGet":
+    async def open(cls, direct, request: bytes, timeout: float) -> "_DirectGet":
         def start() -> H2Stream:
-            stream = H2Stream(endpoint, f"/{client.SERVICE.full_name}/GetWeights", client._metadata,
-                              timeout or client.timeout, client.address)
+            stream = direct("GetWeights", timeout)
             try:
                 stream.send_message([request], end=True)
             except BaseException:

@@ -17,7 +17,7 @@ if [ "${1:-}" = prepare ]; then
     reqs=(setuptools wheel "grpcio==1.85.3" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1"
           "grpcio-status==1.85.3" "protobuf>=7.35.1" "googleapis-common-protos>=1.70" "pydantic>=2.10"
           "omegaconf>=2.3" "pyyaml>=6" "redis>=5" "hiredis>=3" "opentelemetry-api>=1.40"
-          "opentelemetry-sdk>=1.40" "rich>=13" "psutil>=5.9" "cryptography>=42" xxhash)
+          "opentelemetry-sdk>=1.40" "rich>=13" "psutil>=5.9" "cryptography>=42" xxhash hpack)
     for v in 3.10 3.11 3.12; do
         .venv/bin/python -m pip download -q -d build/gpu-wheels --only-binary=:all: --python-version "$v" \
             --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
@@ -37,7 +37,7 @@ export PIP_BREAK_SYSTEM_PACKAGES=1
 "$py" -m pip install -q --no-index --find-links build/gpu-wheels setuptools wheel
 "$py" -m pip install -q --no-index --find-links build/gpu-wheels \
     grpcio grpcio-health-checking grpcio-reflection grpcio-status "protobuf>=7.35.1" googleapis-common-protos \
-    pydantic omegaconf pyyaml redis hiredis opentelemetry-api opentelemetry-sdk rich psutil cryptography xxhash
+    pydantic omegaconf pyyaml redis hiredis opentelemetry-api opentelemetry-sdk rich psutil cryptography xxhash hpack
 "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e .
 "$py" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 timeout 420 "$py" deploy/gpu_check.py build/gpu-compose.json "$out"

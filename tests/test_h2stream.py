@@ -418,3 +418,58 @@ def _in_receive(frame_) -> bool:
             return True
         frame_ = frame_.f_back
     return False
+
+
+# -- TLS: the store serving TLS + mutual TLS + a token, as deployed ------------------------------------
+TOKEN_ENV = "FORGERPC_TEST_H2_TOKEN"
+
+
+@pytest.fixture
+def tls_store(tmp_path, monkeypatch):
+    from forgerpc.orchestrator import certs
+    certs.create(tmp_path, services=["weight_store"])
+    prefix = f"wsh2tls-{os.getpid()}"
+    proc = ServiceProcess("weight_store", "retain_versions=2", f"shm_prefix={prefix}",
+                          f"server.auth.token_env={TOKEN_ENV}",
+                          f"server.auth.tls_cert={tmp_path / 'weight_store.pem'}",
+                          f"server.auth.tls_key={tmp_path / 'weight_store.key'}",
+                          f"server.auth.tls_client_ca={tmp_path / 'ca.pem'}", env={TOKEN_ENV: "s3cret"})
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    yield proc, tmp_path
+    proc.terminate()
+    reclaim_orphans(prefix)
+
+
+def tls_client(address: str, d, *, token: str = TOKEN_ENV, client_cert: bool = True) -> WeightStoreClient:
+    from forgerpc.clients import ChannelSettings
+    settings = ChannelSettings(token_env=token, tls_ca=str(d / "ca.pem"),
+                               tls_cert=str(d / "client.pem") if client_cert else "",
+                               tls_key=str(d / "client.key") if client_cert else "")
+    return WeightStoreClient(address, settings=settings, timeout=20)
+
+
+async def test_direct_streams_over_mutual_tls_with_a_token(tls_store, monkeypatch):
+    proc, d = tls_store
+    monkeypatch.setattr(weights, "H2Stream", Counting)
+    Counting.calls = []
+    src = big_state(3)
+    async with tls_client(proc.address, d) as client:
+        await publish(client, src, 1, transport="grpc")
+        got = {k: torch.zeros_like(v) for k, v in src.items()}
+        await load_into(client, got, 1, transport="grpc", chunk_bytes=(1 << 20) + 3)
+        assert Counting.calls == ["PutWeights", "GetWeights"]
+    assert all(torch.equal(got[k], v) for k, v in src.items())
+    async with tls_client(proc.address, d, token="FORGERPC_TEST_H2_NO_TOKEN") as client:  # no token sent
+        with pytest.raises(ForgeRPCError) as e:
+            await load_into(client, got, 1, transport="grpc")
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    async with tls_client(proc.address, d, client_cert=False) as client:  # mTLS: refused in the handshake
+        with pytest.raises(ForgeRPCError) as e:
+            await load_into(client, got, 1, transport="grpc")
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    from forgerpc.orchestrator import certs
+    certs.create(d / "other", services=["weight_store"])  # a CA that never signed the store's certificate
+    async with tls_client(proc.address, d / "other") as client:
+        with pytest.raises(ForgeRPCError) as e:
+            await load_into(client, got, 1, transport="grpc")
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE and "TLS" in e.value.message

@@ -27,8 +27,8 @@ RETAIN = 3
 TORCHSTORE_SKIP = ("torchstore is not importable here: PyPI's torchstore 0.1.2 pins torch 2.9.0 and "
                    "torchmonarch 0.1.2 (needs libcuda); see ENVIRONMENT.md")
 # (backend, transport, wire). The memory and torchstore backends have no shared memory. gRPC goes
-# over the SDK's own HTTP/2 streams (clients/h2stream.py) on plaintext channels, over grpcio
-# otherwise (TLS, a caller's channel): "grpcio" runs a client that cannot bypass its channel.
+# over the SDK's own HTTP/2 streams (clients/h2stream.py) on channels the SDK opened, over grpcio
+# on a caller's channel: "grpcio" runs a client that cannot bypass its channel.
 CASES = [("shm", "shm", "auto"), ("shm", "grpc", "auto"), ("shm", "grpc", "grpcio"), ("memory", "grpc", "auto"),
          ("torchstore", "grpc", "auto")]
 _versions = itertools.count(100)  # one store per backend is shared by the module's tests
@@ -66,7 +66,7 @@ async def store(request, stores):
     client = WeightStoreClient(stores(backend), timeout=30)
     client.transport = transport
     if wire == "grpcio":
-        client._plaintext = False  # as for a TLS channel: publish and load_into stay on grpcio
+        client._settings = None  # as for a channel passed in: publish and load_into stay on grpcio
     yield client
     await client.close()
 

@@ -96,21 +96,25 @@ async def test_non_contiguous_and_cast_targets(store, transport):
         assert torch.equal(got["w"], src["w"]) and torch.equal(got["v"], src["v"].bfloat16())
 
 
-async def test_a_grpc_load_holds_one_message_at_a_time(store):
-    """Python memory of a 40 MB load in 1 MiB messages stays near 2 messages: the one being
-    copied is freed before grpcio builds the next (which takes 2 x its size: a bytearray, then bytes)."""
+@pytest.mark.parametrize("wire, limit", [("grpcio", 2.5), ("direct", 0.55)])
+async def test_python_memory_of_a_grpc_load(store, wire, limit):
+    """Python memory of a 40 MB load in 4 MiB messages. Through grpcio it stays near 2 messages:
+    the one being copied is freed before grpcio builds the next (which takes 2 x its size: a
+    bytearray, then bytes). The SDK's own stream (clients/h2stream.py) receives into the targets
+    and allocates only its 1 MiB buffer for padding and casts: well under the issue's limit of
+    1.1 x the largest chunk."""
     async with WeightStoreClient(store()) as client:
         src = {f"w{i}": torch.randn(1 << 20) for i in range(10)}
         await publish(client, src, 1, transport="grpc")
         got = {k: torch.zeros_like(v) for k, v in src.items()}
-        await load_into(client, got, 1, transport="grpc", chunk_bytes=1 << 20)  # warm: channel, pools
+        await load_into(client, got, 1, transport="grpc", chunk_bytes=4 << 20, wire=wire)  # warm: channel, pools
         tracemalloc.start()
         try:
-            await load_into(client, got, 1, transport="grpc", chunk_bytes=1 << 20)
+            await load_into(client, got, 1, transport="grpc", chunk_bytes=4 << 20, wire=wire)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert peak < 2.5 * (1 << 20), f"{peak / 2**20:.2f} MiB"  # a second held message makes it ~3
+        assert peak < limit * (4 << 20), f"{peak / 2**20:.2f} MiB"  # grpcio: a second held message makes it ~3
         assert all(torch.equal(got[k], v) for k, v in src.items())
 
 

@@ -348,7 +348,7 @@ async def publish(client, state_dict: Mapping[str, Any], version: int, *, produc
             xxhash release the GIL).
         wire: how a gRPC upload is sent: "direct" (the SDK's HTTP/2 writer, clients/h2stream.py:
             the kernel gathers the tensors' own bytes), "grpcio", or "auto" (direct on a channel
-            the SDK opened, plaintext or TLS; grpcio on a channel passed in).
+            the SDK opened, plaintext or TLS, without a proxy variable; else grpcio).
     Raises:
         ForgeRPCError: DATA_LOSS on a checksum mismatch, ALREADY_EXISTS, INVALID_ARGUMENT, ...
     """
@@ -459,7 +459,7 @@ async def load_into(client, target, version: int | None = None, *, names: list[s
             which receives the bytes straight into the targets; "grpcio": grpcio's channel;
             "auto": direct once the store is known to send over gRPC (transport "grpc", or an
             earlier "auto" load answered that way) on a channel the SDK opened (plaintext or
-            TLS), else grpcio.
+            TLS) and no proxy variable set (grpc_proxy, https_proxy, http_proxy), else grpcio.
     """
     tune_allocator()
     targets = _targets(target)
@@ -512,7 +512,7 @@ def _direct(client, transport: str, wire: str) -> Callable[[str, float], H2Strea
     over_grpc = transport == "grpc" or (transport == "auto" and getattr(client, "_weights_over_grpc", False))
     if wire == "direct" and endpoint is None:
         raise ValueError(f"wire='direct' needs a channel the SDK opened to a host:port address, not {client.address!r}")
-    if endpoint is None or wire == "grpcio" or (wire == "auto" and not over_grpc):
+    if endpoint is None or wire == "grpcio" or (wire == "auto" and (not over_grpc or _proxied())):
         return None
     if not hasattr(client, "_ssl_context"):  # the CA and certificate files, read once per client
         client._ssl_context = ssl_context(settings)
@@ -521,6 +521,12 @@ def _direct(client, transport: str, wire: str) -> Callable[[str, float], H2Strea
         return H2Stream(endpoint, f"/{client.SERVICE.full_name}/{method}", client._metadata, timeout,
                         client.address, tls=client._ssl_context, server_name=settings.server_name)
     return open_stream
+
+
+def _proxied() -> bool:
+    """grpcio sends channels through an HTTP CONNECT proxy named by these variables; the SDK's
+    own streams don't, so with one set `wire="auto"` leaves the transfer to grpcio."""
+    return any(os.environ.get(v) for v in ("grpc_proxy", "https_proxy", "http_proxy"))
 
 
 class _GrpcioGet:

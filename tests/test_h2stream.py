@@ -33,6 +33,13 @@ from forgerpc.services.weight_store.backends.shm import reclaim_orphans
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, CONTINUATION = 0, 1, 3, 4, 6, 7, 9
 
 
+@pytest.fixture(autouse=True)
+def no_proxy_variables(monkeypatch):
+    """With one set, `wire="auto"` stays on grpcio (tested below); the other tests want the default."""
+    for name in ("grpc_proxy", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + struct.pack(">I", stream) + payload
 
@@ -315,6 +322,21 @@ async def test_grpc_transfers_use_direct_streams_and_match_grpcio(store, monkeyp
         await load_into(client, cast, 1, transport="grpc", wire="direct")  # through the bounce buffer
     assert all(torch.equal(direct[k], v) for k, v in src.items())
     assert all(torch.equal(via_grpcio[k], v.bfloat16()) and torch.equal(cast[k], v.bfloat16()) for k, v in src.items())
+
+
+async def test_a_proxy_variable_keeps_auto_on_grpcio(store, monkeypatch):
+    """grpcio would tunnel through the proxy the environment names; the SDK's streams can't."""
+    monkeypatch.setattr(weights, "H2Stream", Counting)
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # grpcio itself still goes straight to the store
+    monkeypatch.setenv("no_grpc_proxy", "127.0.0.1")
+    Counting.calls = []
+    src = big_state(2)
+    async with WeightStoreClient(store.address) as client:
+        await publish(client, src, 1, transport="grpc")
+        got = {k: torch.zeros_like(v) for k, v in src.items()}
+        await load_into(client, got, 1, transport="grpc")
+    assert Counting.calls == [] and all(torch.equal(got[k], v) for k, v in src.items())
 
 
 async def test_auto_goes_direct_once_the_store_answered_over_grpc(store, monkeypatch):

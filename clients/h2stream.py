@@ -1,4 +1,4 @@
-"""A gRPC server-streaming call read straight off a socket, so bulk bytes land where they belong.
+"""A gRPC call spoken straight over a socket, so bulk bytes leave and land where they belong.
 
 grpcio hands each received message to Python as a new `bytes` object, assembled first in a
 bytearray (ReceiveMessageOperation.un_c): after the kernel's copy every byte is copied three more
@@ -129,7 +129,8 @@ class H2Stream:
             if self._sock.selected_alpn_protocol() != "h2":
                 self.close()
                 raise self._fail(grpc.StatusCode.UNAVAILABLE, f"{self.address} did not agree to HTTP/2 (ALPN h2)")
-        headers = [(":method", "POST"), (":scheme", "https" if tls is not None else "http"), (":path", method), (":authority", self.address),
+        headers = [(":method", "POST"), (":scheme", "https" if tls is not None else "http"), (":path", method),
+                   (":authority", self.address),
                    ("content-type", "application/grpc"), ("te", "trailers"), ("user-agent", "forgerpc-h2stream"),
                    ("grpc-accept-encoding", "identity"),
                    ("grpc-timeout", f"{min(int(timeout * 1000), 99_999_999)}m"), *metadata]
@@ -402,6 +403,8 @@ class H2Stream:
         try:
             self._sock.settimeout(max(self._deadline - time.monotonic(), 0.001))
             self._sock.sendall(data)
+        except socket.timeout:
+            raise self._fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except OSError as e:
             raise self._fail(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} lost: {e}") from None
 

@@ -585,7 +585,17 @@ class _DirectGet:
         return await asyncio.to_thread(read)
 
     async def receive(self, pairs, total: int) -> None:
-        await asyncio.to_thread(_receive_direct, self.stream, pairs, total)
+        job = asyncio.ensure_future(asyncio.to_thread(_receive_direct, self.stream, pairs, total))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The thread writes into the caller's tensors: it must be gone before we return, or a
+            # retried load could see a late write. Closing the socket makes its next read fail.
+            self.stream.close()
+            await asyncio.wait([job])
+            if not job.cancelled():
+                job.exception()  # retrieved: the closed socket's error is expected here
+            raise
 
     def close(self) -> None:
         self.stream.close()

@@ -458,10 +458,12 @@ async def test_direct_streams_over_mutual_tls_with_a_token(tls_store, monkeypatc
     Counting.calls = []
     src = big_state(3)
     async with tls_client(proc.address, d) as client:
-        await publish(client, src, 1, transport="grpc")
+        await publish(client, src, 1, transport="grpc")  # auto under TLS: uploads through grpcio
+        await publish(client, src, 2, transport="grpc", wire="direct")
         got = {k: torch.zeros_like(v) for k, v in src.items()}
         await load_into(client, got, 1, transport="grpc", chunk_bytes=(1 << 20) + 3)
         assert Counting.calls == ["PutWeights", "GetWeights"]
+        await load_into(client, got, 2, transport="grpc")
     assert all(torch.equal(got[k], v) for k, v in src.items())
     async with tls_client(proc.address, d, token="FORGERPC_TEST_H2_NO_TOKEN") as client:  # no token sent
         with pytest.raises(ForgeRPCError) as e:

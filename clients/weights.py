@@ -11,10 +11,12 @@ headers; services/weight_store/README.md): per ~32 MiB copied into a shared-memo
 the store re-hashes those tensors meanwhile, or once after the last gRPC message.
 
 Transport is chosen per call ("auto"): shared memory when the store's segments are visible on
-this host (one memcpy per side), else raw bytes over gRPC in ~4 MiB messages. Loading copies
-straight from the segment or from each received message into the target tensors, casting on the
-fly (e.g. fp32 store -> bf16 model); the extra memory is one received message (gRPC; grpcio
-briefly needs two while it assembles one, see `_receive`) or none (shm).
+this host (one memcpy per side), else raw bytes over gRPC in ~4 MiB messages. Over gRPC the SDK
+speaks to the store through its own HTTP/2 streams where it can (clients/h2stream.py, `wire`):
+a publish hands the kernel the tensors' memory, a load receives straight into the target
+tensors. Loading casts on the fly (e.g. fp32 store -> bf16 model); the extra memory is a 1 MiB
+buffer (direct gRPC), none (shm), or one received message (through grpcio, which briefly needs
+two while it assembles one, see `_GrpcioGet`).
 
 The shared-memory work (segment mappings kept per process, filling an upload, copying a version
 out) is in clients/weights_shm.py; this module runs the protocol for both transports.
@@ -35,8 +37,8 @@ from typing import Any, Callable, Iterable, Mapping
 import grpc
 
 from forgerpc.clients import weights_shm
-from forgerpc.clients.errors import ForgeRPCError
 from forgerpc.clients.channel import ssl_context
+from forgerpc.clients.errors import ForgeRPCError
 from forgerpc.clients.h2stream import H2Stream, split_address
 from forgerpc.clients.weights_shm import SHM_DIR, buffer_address, forget_segments  # noqa: F401 (public here)
 from forgerpc.v1 import common_pb2, weight_store_pb2 as pb

@@ -81,7 +81,7 @@ def test_secrets_are_required_not_defaulted():
 
 def test_profiles_select_the_right_services(rendered):
     cpu, gpu = set(rendered["cpu", False]["services"]), set(rendered["gpu", False]["services"])
-    common = {"redis", "weight-store", "reward", "sandbox", "replay-buffer"}
+    common = {"redis", "weight-store", "reward", "sandbox", "replay-buffer", "environment"}
     assert cpu == common | {"model-tiny", "generator", "trainer", "orchestrator"}
     assert gpu == common | {"generator-gpu-0", "generator-gpu-1", "trainer-gpu", "orchestrator-gpu"}
     assert rendered["cpu", False]["services"]["generator"]["deploy"]["replicas"] == 2
@@ -253,6 +253,8 @@ def test_stack_addresses_name_compose_services(rendered):
                 # Replicas of a scaled service are named <project>-<service>-<n>.
                 base = host.removeprefix(f"{doc['name']}-").rsplit("-", 1)[0] if host.startswith(doc["name"]) else host
                 assert base in doc["services"], (profile, name, address)
+                # `forgerpc run` waits for every listed address's health: compose starts it first.
+                assert base in doc["services"][job]["depends_on"], (profile, name, address)
         assert len(stack.services["generator"].addresses()) == generators
 
 

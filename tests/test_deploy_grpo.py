@@ -169,9 +169,10 @@ def test_compose_stack_as_processes_passes_a_short_grpo_run(tmp_path, monkeypatc
             line, env = here.command("certs")
             job = subprocess.run(line, env=env, capture_output=True, text=True, timeout=120)
             assert job.returncode == 0, job.stderr[-3000:]
-        # Wave 1, what the others depend on: redis, sandbox, weight-store, the model-tiny job.
+        # Wave 1, what the others depend on: redis, sandbox, weight-store, the model-tiny job; and
+        # the environment, which needs nothing (the job only waits for its health).
         start_redis(doc, here, procs)
-        first = {n: serve(n, here, procs) for n in ("sandbox", "weight-store")}
+        first = {n: serve(n, here, procs) for n in ("sandbox", "weight-store", "environment")}
         line, env = here.command("model-tiny")
         job = subprocess.run(line, env=env, capture_output=True, text=True, timeout=180)
         assert job.returncode == 0, job.stderr[-3000:]

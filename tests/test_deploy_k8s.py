@@ -121,7 +121,7 @@ def test_probes_are_grpc_health_over_mtls(overlay):
         assert mounted == {"ca.pem", "client.pem", "client.key", env["FORGERPC_TLS_CERT"].removeprefix("/certs/"),
                            env["FORGERPC_TLS_KEY"].removeprefix("/certs/")}, workload
         assert next(e for e in c["env"] if e["name"] == "FORGERPC_TOKEN")["valueFrom"]["secretKeyRef"]["name"] == "forgerpc-auth"
-    assert services == 6
+    assert services == 7
 
 
 def test_callers_use_the_token_and_their_own_certificate(overlay, monkeypatch):
@@ -192,6 +192,17 @@ def test_generator_replicas_have_stable_dns_names_in_the_stack_config(overlay):
             assert m and m["svc"] in services, address
             if m["pod"]:  # a StatefulSet pod: its set exists, is governed by that Service, has the index
                 assert sets[m["pod"]]["spec"]["serviceName"] == m["svc"] and int(m["i"]) < sets[m["pod"]]["spec"]["replicas"]
+
+
+def test_job_waits_for_every_address_of_its_stack_config(overlay):
+    """`forgerpc run` health-checks every address in stack-k8s.yaml; the Job's init container
+    waits for exactly those first (a Job has no depends_on)."""
+    _, docs = overlay
+    job = pod_specs(docs)["orchestrator"]
+    (wait,) = [c for c in job["initContainers"] if c["name"] == "wait-for-services"]
+    waited = set(re.search(r"for a in (.*?);", wait["command"][-1], re.S)[1].split())
+    stack = load_config(RunConfig, K8S.parent / "configs" / "stack-k8s.yaml", ["redis_url=redis://x"])
+    assert waited == {a for entry in stack.services.values() for a in entry.addresses()}
 
 
 def test_pods_meet_the_restricted_pod_security_standard(overlay):
@@ -275,3 +286,10 @@ def test_network_policies(overlay):
     # A pod from another namespace reaches nothing.
     stranger = ("default", {"kubernetes.io/metadata.name": "default"}, {"app.kubernetes.io/component": "orchestrator"})
     assert not allowed(policies, "Ingress", {"app.kubernetes.io/component": "reward"}, stranger, 50051)
+    # The environment: the orchestrator reaches it; no service does, and it reaches nobody.
+    assert can_connect(policies, "orchestrator", "environment", 50051)
+    for other in [*mesh, "sandbox"]:
+        assert not can_connect(policies, other, "environment", 50051), other
+    for dst, port in [*((d, 50051) for d in [*mesh, "sandbox"]), ("redis", 6379)]:
+        assert not can_connect(policies, "environment", dst, port), dst
+    assert not allowed(policies, "Ingress", {"app.kubernetes.io/component": "environment"}, stranger, 50051)

@@ -1,4 +1,5 @@
-"""The compose services' exact commands, run as plain processes, start and report SERVING.
+"""The compose services' exact commands, run as plain processes, start and report SERVING
+(and the environment plays an episode through the SDK, token and mTLS as deployed).
 
 What differs from a container, and why: each container has its own network namespace, so
 here every process gets `server.host=127.0.0.1 server.port=0` appended (the last override
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import re
 import select
 import subprocess
 import time
@@ -23,10 +25,11 @@ import pytest
 from conftest import REDIS_URL
 from test_deploy_compose import FORGERPC, mounted_config, render
 
-from forgerpc.clients import ForgeRPCError, RewardClient
+from forgerpc.clients import ChannelSettings, EnvironmentClient, ForgeRPCError, RewardClient
 from forgerpc.clients.retry import NO_RETRY
+from forgerpc.v1.common_pb2 import ChatMessage
 
-SUBSET = ("reward", "weight-store", "sandbox", "replay-buffer")
+SUBSET = ("reward", "weight-store", "sandbox", "replay-buffer", "environment")
 
 
 class Container:
@@ -110,18 +113,62 @@ def test_compose_commands_serve_and_pass_their_healthchecks(containers):
     assert e.value.code.name == "UNAUTHENTICATED"
 
 
+def run_certs_job(doc: dict, certs_dir: pathlib.Path) -> None:
+    """compose.tls.yaml's `certs` job: its command, with /certs and the CA volume in certs_dir."""
+    job = doc["services"]["certs"]["command"]
+    local = [a.replace("/var/lib/forgerpc/ca", str(certs_dir / "ca")).replace("/certs", str(certs_dir)) for a in job]
+    made = subprocess.run([*FORGERPC, *local], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+
+
 @pytest.mark.slow
 def test_tls_override_certs_job_then_mtls_service(containers, tmp_path):
     """compose.tls.yaml: the `certs` job's command makes the certs, reward serves mTLS with them,
     and the TLS health check passes while the plaintext one fails."""
     doc = render("cpu", tls=True)
-    job = doc["services"]["certs"]["command"]
-    local = [a.replace("/var/lib/forgerpc/ca", str(tmp_path / "ca")).replace("/certs", str(tmp_path)) for a in job]
-    made = subprocess.run([*FORGERPC, *local], capture_output=True, text=True, timeout=60)
-    assert made.returncode == 0, made.stderr
+    run_certs_job(doc, tmp_path)
     assert (tmp_path / "ca" / "ca.key").is_file() and not (tmp_path / "ca.key").exists()  # no CA key for services
     reward = containers(doc, "reward", certs_dir=tmp_path)
     check = reward.healthcheck()
     assert check.returncode == 0 and "SERVING" in check.stdout, check.stdout + check.stderr
     plain = subprocess.run([*FORGERPC, "health", reward.address], capture_output=True, text=True, timeout=60)
     assert plain.returncode == 1
+
+
+async def calculator_episode(address: str, settings: ChannelSettings) -> tuple[float, bool]:
+    """One calculator episode through the SDK: a tool call, then its result as the answer."""
+    def say(text: str) -> ChatMessage:
+        return ChatMessage(role="assistant", content=text)
+
+    async with EnvironmentClient(address, settings=settings, retry=NO_RETRY, timeout=10) as env:
+        opened = await env.reset(environment="calculator", seed=7, options={"digits": "2"})
+        a, b, c = map(int, re.findall(r"\d+", opened.observations[-1].content))
+        tool = await env.step(session_id=opened.session_id, action=say(f"<calc>{a} * {b} + {c}</calc>"))
+        assert tool.observations[0].content == str(a * b + c) and not tool.done
+        end = await env.step(session_id=opened.session_id, action=say(f"<answer>{a * b + c}</answer>"))
+        closed = await env.close_session(session_id=opened.session_id)
+    return end.reward, end.done and closed.closed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tls", [False, True], ids=["token", "token+mtls"])
+def test_environment_plays_an_episode_as_deployed(containers, tmp_path, monkeypatch, tls):
+    """The environment's compose command and config (compose.tls.yaml on top for mTLS) serve a
+    calculator episode to a client holding the stack token (and the client certificate), and
+    refuse the same client without the token."""
+    doc = render("cpu", tls=tls)
+    if tls:
+        run_certs_job(doc, tmp_path)
+    service = containers(doc, "environment", certs_dir=tmp_path if tls else None)
+    monkeypatch.setenv("FORGERPC_TOKEN", service.env["FORGERPC_TOKEN"])
+    files = {"tls_ca": str(tmp_path / "ca.pem"), "tls_cert": str(tmp_path / "client.pem"),
+             "tls_key": str(tmp_path / "client.key")} if tls else {}
+    token = ChannelSettings(token_env="FORGERPC_TOKEN", **files)
+    assert asyncio.run(calculator_episode(service.address, token)) == (1.0, True)
+    with pytest.raises(ForgeRPCError) as e:
+        asyncio.run(calculator_episode(service.address, ChannelSettings(**files)))
+    assert e.value.code.name == "UNAUTHENTICATED"
+    if tls:  # and a plaintext client does not get through at all
+        with pytest.raises(ForgeRPCError) as e:
+            asyncio.run(calculator_episode(service.address, ChannelSettings(token_env="FORGERPC_TOKEN")))
+        assert e.value.code.name == "UNAVAILABLE"

@@ -239,9 +239,7 @@ class H2Stream:
         while not self._done:
             if self._last_data:  # END_STREAM on DATA: the server left out the trailers
                 raise self._fail(grpc.StatusCode.INTERNAL, "the stream ended without trailers")
-            head = self._recv_small(9)
-            size, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
-            stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+            size, kind, flags, stream = self._read_head()
             if kind == DATA and stream == STREAM:
                 self._start_data(size, flags)
                 if self._frame_left > 0:
@@ -301,9 +299,7 @@ class H2Stream:
         """
         while block or (self._tls and self._sock.pending()) or select.select([self._sock], [], [], 0)[0]:
             block = False
-            head = self._recv_small(9)
-            size, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
-            stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+            size, kind, flags, stream = self._read_head()
             if kind == DATA and stream == STREAM:
                 self._start_data(size, flags)
                 if self._frame_left:
@@ -330,11 +326,10 @@ class H2Stream:
             payload = payload[5:]
         block = bytearray(payload)
         while not flags & END_HEADERS:  # CONTINUATION frames follow, with nothing in between
-            head = self._recv_small(9)
-            if head[3] != CONTINUATION:
-                raise self._fail(grpc.StatusCode.INTERNAL, f"frame type {head[3]} inside a header block")
-            flags = head[4]
-            block += self._recv_small(int.from_bytes(head[:3], "big"))
+            size, kind, flags, _ = self._read_head()
+            if kind != CONTINUATION:
+                raise self._fail(grpc.StatusCode.INTERNAL, f"frame type {kind} inside a header block")
+            block += self._recv_small(size)
         fields = dict(self._decoder.decode(bytes(block)))
         if not self._headers_seen:
             self._headers_seen = True
@@ -374,6 +369,11 @@ class H2Stream:
             if k == 0:
                 raise self._fail(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} closed mid-call")
             got += k
+
+    def _read_head(self) -> tuple[int, int, int, int]:
+        """The next frame's (payload size, type, flags, stream id)."""
+        head = self._recv_small(9)
+        return int.from_bytes(head[:3], "big"), head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
 
     def _recv_small(self, n: int) -> bytes:
         buf = bytearray(n)

@@ -658,13 +658,28 @@ def _receive_direct(stream: H2Stream, pairs, total: int) -> None:
     bounce buffer, as do the bytes no target wants (alignment gaps, tensors a name_map skips).
     So the extra memory of a load is at most that buffer, whatever the chunk size.
     """
-    router, pos, bounce = _Router(pairs), 0, bytearray(0)
+    router, pos, bounce = _Router(pairs), 0, bytearray(1 << 20)
+    cursor = 0  # bytes of the current message's data read so far
 
     def drop(n: int) -> None:
         while n > 0:
             k = min(n, len(bounce))
             stream.read_into(memoryview(bounce)[:k])
             n -= k
+
+    def fill(writer, rel: int, start: int, count: int) -> None:
+        nonlocal cursor
+        drop(start - cursor)
+        if writer.address is not None:
+            stream.read_into(_memory_at(writer.address + rel, count))
+        else:
+            done = 0
+            while done < count:
+                view = memoryview(bounce)[:min(count - done, len(bounce))]
+                stream.read_into(view)
+                writer.write(rel + done, view, buffer_address(view))
+                done += len(view)
+        cursor = start + count
 
     while (n := stream.next_message()) is not None:
         size, head = _data_prefix(stream, n)
@@ -673,24 +688,7 @@ def _receive_direct(stream: H2Stream, pairs, total: int) -> None:
             router.feed(pos, data)
             pos += len(data)
             continue
-        if not bounce:
-            bounce = bytearray(1 << 20)
-        cursor = 0  # bytes of this message's data read so far
-
-        def fill(writer, rel: int, start: int, count: int) -> None:
-            nonlocal cursor
-            drop(start - cursor)
-            if writer.address is not None:
-                stream.read_into(_memory_at(writer.address + rel, count))
-            else:
-                done = 0
-                while done < count:
-                    view = memoryview(bounce)[:min(count - done, len(bounce))]
-                    stream.read_into(view)
-                    writer.write(rel + done, view, buffer_address(view))
-                    done += len(view)
-            cursor = start + count
-
+        cursor = 0
         router.route(pos, size, fill)
         drop(size - cursor)
         pos += size
@@ -700,21 +698,24 @@ def _receive_direct(stream: H2Stream, pairs, total: int) -> None:
 def _data_prefix(stream: H2Stream, n: int) -> tuple[int, bytes]:
     """Reads the tag and length of a data-only message's `data` field (#2) off the stream.
 
-    Returns (length of the data, the bytes read); the length is -1 when the message of n bytes
-    is anything else, and the caller parses those bytes plus the rest with protobuf.
+    A data-only message of n bytes starts with exactly `_data_head(n)`; this reads that many
+    bytes and returns (length of the data, the bytes read), or (-1, the bytes read) when they
+    differ (another message, or another encoding): the caller then parses those bytes plus the
+    rest with protobuf.
     """
-    head = bytearray()
-    if n == 0:
+    expected = _data_head(n)
+    if not expected:
         return -1, b""
-    head += stream.read_bytes(1)
-    if head[0] != 0x12:
-        return -1, bytes(head)
-    size, shift = 0, 0
-    while len(head) < min(n, 11):
-        byte = stream.read_bytes(1)[0]
-        head.append(byte)
-        size |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return (size, bytes(head)) if len(head) + size == n else (-1, bytes(head))
-    return -1, bytes(head)
+    head = stream.read_bytes(len(expected))
+    return (n - len(expected), head) if head == expected else (-1, head)
+
+
+def _data_head(n: int) -> bytes:
+    """Tag + varint length of a serialized message of n bytes whose only field is `data`: the
+    k-byte varint of n - 1 - k, for the k that fits (b"" when none does, e.g. n < 2)."""
+    for k in range(1, 11):
+        if n - 1 - k < 0:
+            break
+        if len(length := _varint(n - 1 - k)) == k:
+            return b"\x12" + length
+    return b""

@@ -19,7 +19,7 @@ import torch
 from conftest import ServiceProcess
 
 from forgerpc.clients import ForgeRPCError, WeightStoreClient
-from forgerpc.clients.weights import _plan, host_id, publish
+from forgerpc.clients.weights import _plan, host_id, load_into, publish
 from forgerpc.services.weight_store.backends.shm import reclaim_orphans
 from forgerpc.v1 import weight_store_pb2 as pb
 
@@ -60,38 +60,58 @@ def sd(n: int = 50_000) -> dict[str, torch.Tensor]:
     return {"w": torch.arange(n, dtype=torch.float32), "b": torch.ones(10)}
 
 
+def rss_anon(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
+
+
 async def test_broken_put_stream_leaves_nothing_visible_and_nothing_leaked(store_process):
+    """A gRPC Put keeps the received messages (no segment): a broken one must drop them all."""
     prefix = f"wsfault-broken-{os.getpid()}"
     store = store_process(prefix)
+    big = {"w": torch.zeros(16 << 20)}  # a 64 MiB version
+    _, manifest = _plan(big, None, None)
     async with WeightStoreClient(store.address) as client:
         await publish(client, sd(), 1, transport="grpc")
-        held = segments(prefix)
-        assert len(held) == 1  # version 1
-        _, manifest = _plan(sd(), None, None)
+        assert segments(prefix) == set()  # a gRPC Put's version is the received pieces
         sent = asyncio.Event()
 
-        async def messages():
-            yield pb.PutWeightsRequest(header=pb.PutWeightsHeader(version=2, manifest=manifest))
-            yield pb.PutWeightsRequest(data=bytes(1000))
+        async def messages(version: int):
+            yield pb.PutWeightsRequest(header=pb.PutWeightsHeader(version=version, manifest=manifest))
+            for _ in range(15):  # 60 of its 64 MiB
+                yield pb.PutWeightsRequest(data=bytes(4 << 20))
             sent.set()
             await asyncio.sleep(60)  # the "trainer" hangs; the caller cancels the call
 
-        put = asyncio.create_task(client.put_weights(messages()))
-        await sent.wait()
-        await asyncio.sleep(0.3)
-        assert len(segments(prefix)) == 2  # the half-received version's buffer exists...
-        put.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await put
-        assert wait_until(lambda: segments(prefix) == held)  # ...and is gone after the break
+        async def break_one() -> int:
+            """RssAnon of the store while it holds a half-received version."""
+            sent.clear()
+            put = asyncio.create_task(client.put_weights(messages(2)))
+            await sent.wait()
+            await asyncio.sleep(0.5)
+            held = rss_anon(store.proc.pid)
+            put.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await put
+            return held
+
+        before = rss_anon(store.proc.pid)
+        first = await break_one()
+        assert first - before > 48 << 20  # the half-received version is held while it streams...
+        for _ in range(4):
+            last = await break_one()
+        # ...and dropped after the break: glibc reuses the freed messages for the next Put (it keeps
+        # them, see tune_allocator), so RSS stays; a leak would add ~60 MiB per broken Put.
+        assert last - first < 24 << 20, (before, first, last)
         assert [v.version for v in (await client.list_versions()).versions] == [1]
+        assert segments(prefix) == set()
         # Short and long streams are refused and leave nothing either.
+        _, manifest = _plan(sd(), None, None)
         header = pb.PutWeightsRequest(header=pb.PutWeightsHeader(version=2, manifest=manifest))
         for data, problem in [(bytes(100), "stream ended after 100"), (bytes(manifest.total_bytes + 1), "more bytes")]:
             with pytest.raises(ForgeRPCError) as e:
                 await client.put_weights([header, pb.PutWeightsRequest(data=data)])
             assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and problem in e.value.message
-            assert segments(prefix) == held
         await publish(client, sd(), 2, transport="grpc")  # the number is free again
 
 
@@ -156,6 +176,24 @@ async def test_shm_to_another_host_is_refused_and_auto_falls_back(store_process)
         assert header.transport == pb.TRANSPORT_GRPC and not header.lease_id
 
 
+async def test_a_version_put_over_grpc_gets_one_segment_for_its_same_host_readers(store_process):
+    prefix = f"wsfault-share-{os.getpid()}"
+    store = store_process(prefix)
+    src = {"w": torch.randn(1 << 20), "b": torch.randn(10)}
+    async with WeightStoreClient(store.address) as c:
+        await publish(c, src, 1, transport="grpc")
+        assert segments(prefix) == set()  # kept as received until a same-host reader comes
+        targets = [{k: torch.zeros_like(v) for k, v in src.items()} for _ in range(4)]
+        await asyncio.gather(*(load_into(c, t, 1, transport="shm") for t in targets[:3]))
+        (segment,) = segments(prefix)  # one copy, shared by the three
+        await load_into(c, targets[3], 1, transport="grpc")  # now streamed from the segment
+        for t in targets:
+            assert all(torch.equal(t[k], src[k]) for k in src)
+        assert segments(prefix) == {segment}
+        assert (await c.delete_version(version=1)).deleted is True
+        assert wait_until(lambda: segments(prefix) == set())
+
+
 async def test_stop_removes_segments_and_a_new_store_reclaims_a_crashed_ones(store_process):
     prefix = f"wsfault-stop-{os.getpid()}"
     store = store_process(prefix)
@@ -168,7 +206,7 @@ async def test_stop_removes_segments_and_a_new_store_reclaims_a_crashed_ones(sto
 
     crashed = store_process(prefix)
     async with WeightStoreClient(crashed.address) as c:
-        await publish(c, sd(), 1, transport="grpc")
+        await publish(c, sd(), 1, transport="shm")
     orphans = segments(prefix)
     assert len(orphans) == 1
     crashed.proc.send_signal(signal.SIGKILL)
@@ -187,7 +225,7 @@ async def test_a_reader_that_hangs_up_mid_stream_releases_its_version(store_proc
     prefix = f"wsfault-hangup-{os.getpid()}"
     store = store_process(prefix)
     async with WeightStoreClient(store.address) as c:
-        await publish(c, sd(), 1, transport="grpc")
+        await publish(c, sd(), 1, transport="shm")
         (segment,) = segments(prefix)
         call = c.get_weights(version=1, transport=pb.TRANSPORT_GRPC, chunk_bytes=4096)
         await anext(call)  # header
@@ -203,7 +241,7 @@ async def test_the_store_answers_while_it_allocates_a_segment_and_frees_one_nobo
     prefix = f"wsfault-alloc-{os.getpid()}"
     store = store_process(prefix)
     async with WeightStoreClient(store.address, timeout=60) as c:
-        await publish(c, sd(), 1, transport="grpc")
+        await publish(c, sd(), 1, transport="shm")
         held = segments(prefix)  # version 1's
         allocation = asyncio.create_task(c.allocate_upload(total_bytes=2 << 30))
         await asyncio.sleep(0.05)

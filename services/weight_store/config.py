@@ -14,7 +14,8 @@ from forgerpc.services.common.runtime import ServiceConfig
 
 class WeightStoreConfig(ServiceConfig):
     # shm: versions live in /dev/shm segments, so same-host readers map them (no copy in the
-    # store); memory: heap buffers, gRPC transport only; torchstore: see backends/torchstore.py.
+    # store; a version Put over gRPC stays as received until its first same-host reader);
+    # memory: heap only, gRPC transport only; torchstore: see backends/torchstore.py.
     backend: Literal["shm", "memory", "torchstore"] = "shm"
     # Keep the newest K complete versions; older ones go once no reader holds them.
     retain_versions: int = Field(default=3, ge=1)

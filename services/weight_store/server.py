@@ -1,13 +1,16 @@
 """The WeightStoreService servicer: validates requests and moves version bytes.
 
-Put over gRPC:   header -> raw chunks written straight into a fresh blob while their checksums
-                 are computed -> (checksums, if the header left them 0) -> publish.
+Put over gRPC:   header -> raw chunks kept as they arrived (Pieces: views into the received
+                 messages, no copy) while their checksums are computed -> (checksums, if the
+                 header left them 0) -> publish.
 Put over shm:    AllocateUpload -> header with upload_id -> the client fills the segment and
                  sends each tensor's checksum (later headers) as it goes -> each tensor is
                  hashed in a thread meanwhile -> the segment itself becomes the version.
-Get over gRPC:   header (manifest with offsets into the bytes that follow) -> raw chunks.
+Get over gRPC:   header (manifest with offsets into the bytes that follow) -> raw chunks; a
+                 received Put message that fits a chunk goes back out as its own bytes.
 Get over shm:    header naming the version's segment + a lease; the client copies, then
-                 ReleaseLease. Chosen when the client's host id (boot id) equals the store's.
+                 ReleaseLease. Chosen when the client's host id (boot id) equals the store's;
+                 a version that came over gRPC is copied into a segment first (once).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from google.protobuf.message import DecodeError
 from forgerpc.clients.weights import data_message, data_view, host_id, tune_allocator
 from forgerpc.services.common.errors import ServiceError, failed_precondition, invalid_argument, not_found, require
 from forgerpc.services.common.runtime import ServiceDefinition
-from forgerpc.services.weight_store.backends import make_backend
+from forgerpc.services.weight_store.backends import Pieces, make_backend
 from forgerpc.services.weight_store.config import WeightStoreConfig
 from forgerpc.services.weight_store.store import CHECKSUM_ALGORITHM, Catalog, Receiver, UploadVerifier, Version
 from forgerpc.v1 import common_pb2, weight_store_pb2 as pb, weight_store_pb2_grpc
@@ -32,6 +35,45 @@ ITEMSIZE = {
     common_pb2.D_TYPE_INT16: 2, common_pb2.D_TYPE_INT32: 4, common_pb2.D_TYPE_INT64: 8,
     common_pb2.D_TYPE_BOOL: 1,
 }
+
+
+class _Message:
+    """A received PutWeights message that holds only `data` (#2): byte for byte a GetWeights
+    data message too, so it goes back out as it is (the runtime's serializer calls this)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+
+    def SerializeToString(self) -> bytes:  # noqa: N802
+        return self.raw
+
+
+def whole_message(view: memoryview) -> bytes | None:
+    """The received message whose whole `data` field `view` is (see parse_put), else None."""
+    raw = view.obj
+    if isinstance(raw, bytes) and len(raw) > len(view):  # a view of a message, not of plain data
+        data = data_view(raw)
+        if data is not None and len(data) == len(view):
+            return raw
+    return None
+
+
+def messages(pieces: Pieces, ranges: list[tuple[int, int]], chunk: int):
+    """GetWeights data messages for the byte ranges (offset, size) of the stored version.
+
+    A whole piece that is a received message and fits a chunk goes out as that message (no
+    copy here); anything else in slices of at most `chunk` bytes (one copy each, _RawData).
+    """
+    for start, size in ranges:
+        for view, whole in pieces.span(start, start + size):
+            raw = whole_message(view) if whole and len(view) <= chunk else None
+            if raw is not None:
+                yield _Message(raw)
+                continue
+            for lo in range(0, len(view), chunk):
+                yield _RawData(view[lo:lo + chunk])
 
 
 class _RawData:
@@ -86,7 +128,7 @@ async def parse_put(raw_stream):
 
 class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
     # Put chunks reach PutWeights as raw bytes (see parse_put): protobuf would copy each 4 MiB
-    # `data` field into a new bytes object before the store copies it into the version's buffer.
+    # `data` field into a new bytes object; the store keeps the received bytes themselves.
     RAW_REQUESTS = frozenset({"PutWeights"})
 
     def __init__(self, cfg: WeightStoreConfig, catalog: Catalog):
@@ -130,8 +172,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
                         f"must equal the upload's size {blob.size}")
                 await self._verify_upload(stream, blob, h.manifest)
             else:
-                blob = await self.catalog.backend.allocate(total, "put")
-                await self._receive(stream, blob, h.manifest)
+                blob = await self._receive(stream, h.manifest)
             meta = common_pb2.WeightVersion(version=h.version, producer=h.producer, step=h.step)
             version = await self.catalog.publish(meta, h.manifest, blob)
             published = True
@@ -154,24 +195,22 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
         finally:
             verifier.settle()  # no thread may still read the segment once it can be freed
 
-    async def _receive(self, stream, blob, manifest: common_pb2.TensorManifest) -> None:
-        total, pos = manifest.total_bytes, 0
-        receiver = Receiver(blob, manifest, self.catalog.receive_pool)
-        try:
-            async for data in stream:
-                if not isinstance(data, memoryview):  # a later header: checksums sent after the bytes
-                    require(data.HasField("header"), "data", "a message after the header needs data or a header")
-                    await receiver.drain()  # the worker owns the verifier while it hashes a chunk
-                    receiver.verifier.expect(data.header)
-                    continue
-                require(pos + len(data) <= total, "data", f"more bytes than header.manifest.total_bytes ({total})")
-                await receiver.write(pos, data)
-                pos += len(data)
-            await receiver.drain()
-        finally:
-            receiver.settle()  # the worker must be done with the blob before it can be freed
-        require(pos == total, "data", f"stream ended after {pos} of {total} bytes")
+    async def _receive(self, stream, manifest: common_pb2.TensorManifest) -> Pieces:
+        total = manifest.total_bytes
+        receiver = Receiver(manifest, self.catalog.receive_pool)
+        async for data in stream:
+            if not isinstance(data, memoryview):  # a later header: checksums sent after the bytes
+                require(data.HasField("header"), "data", "a message after the header needs data or a header")
+                await receiver.drain()  # the worker owns the verifier while it hashes a chunk
+                receiver.verifier.expect(data.header)
+                continue
+            require(receiver.pieces.size + len(data) <= total, "data",
+                    f"more bytes than header.manifest.total_bytes ({total})")
+            await receiver.write(data)
+        await receiver.drain()
+        require(receiver.pieces.size == total, "data", f"stream ended after {receiver.pieces.size} of {total} bytes")
         receiver.verifier.checksums.finish()
+        return receiver.pieces
 
     async def AllocateUpload(self, request, context) -> pb.AllocateUploadResponse:
         if not self.catalog.backend.shared_memory:
@@ -190,6 +229,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
         try:
             specs = self._select(version, request.tensor_names)
             if self._use_shared_memory(request):
+                await self.catalog.shared(version)
                 lease = self.catalog.lease(version)
                 manifest = common_pb2.TensorManifest(tensors=specs, total_bytes=version.blob.size,
                                                      checksum_algorithm=version.manifest.checksum_algorithm)
@@ -200,10 +240,9 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
             manifest, ranges = self._repack(version, specs)
             yield pb.GetWeightsResponse(header=pb.GetWeightsHeader(
                 version=version.meta, manifest=manifest, transport=pb.TRANSPORT_GRPC))
-            view = await self.catalog.backend.readable(version.blob)
-            for start, size in ranges:
-                for lo in range(start, start + size, chunk):
-                    yield _RawData(view[lo:min(lo + chunk, start + size)])
+            pieces = await self.catalog.backend.readable(version.blob)
+            for message in messages(pieces, ranges, chunk):
+                yield message
         finally:
             self.catalog.release(version)
 

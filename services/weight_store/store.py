@@ -23,7 +23,8 @@ import grpc
 import xxhash
 
 from forgerpc.services.common.errors import ServiceError, not_found, require
-from forgerpc.services.weight_store.backends import Backend, Blob
+from forgerpc.clients.weights_shm import buffer_address
+from forgerpc.services.weight_store.backends import Backend, Blob, Pieces
 from forgerpc.services.weight_store.config import WeightStoreConfig
 from forgerpc.v1 import common_pb2
 
@@ -177,40 +178,23 @@ class UploadVerifier:
         concurrent.futures.wait(self.futures)
 
 
-def address_of(view: memoryview) -> int:
-    """Address of a writable buffer's first byte (the buffer must outlive its use)."""
-    anchor = ctypes.c_char.from_buffer(view)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor  # drops the buffer export at once, so the mmap can be closed later
-
-
 class Receiver:
-    """Writes a Put's chunks into a blob and checks checksums, off the event loop.
+    """Keeps a Put's chunks as they came (`Pieces`, no copy) and checks checksums off the loop.
 
-    One worker thread, one chunk in flight: the loop parses chunk k+1 while the worker copies
-    and hashes chunk k (ctypes.memmove and xxhash both release the GIL), in order.
+    One worker thread, one chunk in flight: the loop parses chunk k+1 while the worker hashes
+    chunk k (xxhash releases the GIL), in order.
     """
 
-    def __init__(self, blob: Blob, manifest: common_pb2.TensorManifest, pool: ThreadPoolExecutor):
-        self.blob, self.pool = blob, pool
-        self.address = address_of(blob.view)
+    def __init__(self, manifest: common_pb2.TensorManifest, pool: ThreadPoolExecutor):
+        self.pool = pool
+        self.pieces = Pieces()
         self.verifier = StreamVerifier(manifest.tensors)
         self.future: concurrent.futures.Future | None = None
 
-    def _absorb(self, pos: int, data: memoryview) -> None:
-        src = data.obj
-        if isinstance(src, bytes):  # the chunk is the tail of a received message (see parse_put)
-            address = ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value + len(src) - len(data)
-            ctypes.memmove(self.address + pos, address, len(data))  # ctypes drops the GIL here
-        else:
-            self.blob.view[pos:pos + len(data)] = data
-        self.verifier.feed(pos, self.blob.view[pos:pos + len(data)])  # cache-hot bytes
-
-    async def write(self, pos: int, data: memoryview) -> None:
+    async def write(self, data: memoryview) -> None:
         await self.drain()
-        self.future = self.pool.submit(self._absorb, pos, data)
+        self.future = self.pool.submit(self.verifier.feed, self.pieces.size, data)
+        self.pieces.append(data)
 
     async def drain(self) -> None:
         """Waits for the chunk in flight; raises its checksum error, if any."""
@@ -218,20 +202,20 @@ class Receiver:
             await asyncio.wrap_future(self.future)
             self.future = None
 
-    def settle(self) -> None:
-        """Blocks until no worker writes into the blob (at most one chunk's copy): called before
-        the blob can be freed, also when the Put was cancelled mid-write."""
-        if self.future is not None:
-            concurrent.futures.wait([self.future])
+
+def copy_pieces(views: list[memoryview], starts: list[int], address: int) -> None:
+    for view, start in zip(views, starts):
+        ctypes.memmove(address + start, buffer_address(view), len(view))  # ctypes drops the GIL
 
 
 @dataclasses.dataclass(eq=False)
 class Version:
     meta: common_pb2.WeightVersion
     manifest: common_pb2.TensorManifest
-    blob: Blob
+    blob: Blob | Pieces
     readers: int = 0
     retired: bool = False
+    sharing: asyncio.Future | None = None  # the copy of Pieces into a segment (Catalog.shared)
 
     def __post_init__(self):
         self.by_name = {t.name: t for t in self.manifest.tensors}
@@ -279,7 +263,7 @@ class Catalog:
         self.pending.discard(number)
 
     async def publish(self, meta: common_pb2.WeightVersion, manifest: common_pb2.TensorManifest,
-                      blob: Blob) -> Version:
+                      blob: Blob | Pieces) -> Version:
         """Makes a verified, reserved version visible, tells watchers, applies retention."""
         blob = await self.backend.seal(str(meta.version), blob)
         meta.created_unix_ms = int(time.time() * 1000)
@@ -314,6 +298,41 @@ class Catalog:
         version.readers -= 1
         if version.readers == 0 and version.retired:
             version.blob.free()
+
+    async def shared(self, version: Version) -> Blob:
+        """The version's bytes in a shared-memory segment, for a same-host reader holding it.
+
+        A version that came over gRPC is `Pieces` in the store's heap: the first same-host reader
+        has them copied into a new segment (one memcpy, in `verify_threads` threads), which then
+        replaces them; readers that come meanwhile wait for the same copy.
+        """
+        if version.sharing is None and isinstance(version.blob, Pieces):
+            version.sharing = asyncio.ensure_future(self._copy_to_segment(version))
+        if version.sharing is not None:
+            await asyncio.shield(version.sharing)  # a reader that leaves doesn't stop the copy
+        return version.blob
+
+    async def _copy_to_segment(self, version: Version) -> None:
+        pieces, n = version.blob, self.cfg.verify_threads
+        self.acquire(version)  # nothing frees the pieces (or the segment) meanwhile
+        try:
+            segment = await self.backend.allocate(pieces.size, "put")
+            address = buffer_address(segment.view)
+            copies = [self.pool.submit(copy_pieces, pieces.views[k::n], pieces.starts[k::n], address)
+                      for k in range(n)]
+            try:
+                await asyncio.gather(*map(asyncio.wrap_future, copies))
+            except BaseException:
+                concurrent.futures.wait(copies)  # no thread may write into a freed segment
+                segment.free()
+                raise
+            version.blob = segment
+            pieces.free()
+        except BaseException:
+            version.sharing = None  # the next reader tries again (e.g. once /dev/shm has room)
+            raise
+        finally:
+            self.release(version)  # frees the segment now if the version was retired meanwhile
 
     def retire(self, version: Version) -> None:
         """Removes from the catalog now; frees the bytes once no reader holds them."""

@@ -3,7 +3,7 @@ retention); a backend only allocates, seals, reads and frees flat byte buffers."
 
 from __future__ import annotations
 
-from forgerpc.services.weight_store.backends.base import Backend, Blob
+from forgerpc.services.weight_store.backends.base import Backend, Blob, Pieces
 
 
 def make_backend(cfg) -> Backend:
@@ -18,4 +18,4 @@ def make_backend(cfg) -> Backend:
     return TorchStoreBackend()
 
 
-__all__ = ["Backend", "Blob", "make_backend"]
+__all__ = ["Backend", "Blob", "Pieces", "make_backend"]

@@ -1,6 +1,9 @@
-"""Heap-memory backend: versions in bytearrays. Readers get them over gRPC only."""
+"""Heap-memory backend: versions stay as the pieces a gRPC Put received (bytearrays for other
+blobs). Readers get them over gRPC only."""
 
 from __future__ import annotations
+
+from forgerpc.services.weight_store.backends.base import Pieces
 
 
 class HeapBlob:
@@ -35,11 +38,11 @@ class MemoryBackend:
     async def allocate(self, size: int, kind: str) -> HeapBlob:
         return HeapBlob(size, self._blobs)
 
-    async def seal(self, key: str, blob: HeapBlob) -> HeapBlob:
+    async def seal(self, key: str, blob: HeapBlob | Pieces) -> HeapBlob | Pieces:
         return blob
 
-    async def readable(self, blob: HeapBlob) -> memoryview:
-        return blob.view
+    async def readable(self, blob: HeapBlob | Pieces) -> Pieces:
+        return Pieces.of(blob)
 
     async def close(self) -> None:
         for blob in list(self._blobs):

@@ -1,7 +1,9 @@
 """Shared-memory backend: every version is a POSIX shared-memory segment (a file in /dev/shm).
 
 Same-host writers fill an upload segment that then *becomes* the version (no copy in the store),
-and same-host readers map it read-only, so Put and Get each cost about one memcpy.
+and same-host readers map it read-only, so Put and Get each cost about one memcpy. A version that
+came over gRPC stays as the pieces it arrived in (no copy: most of its readers are remote); the
+first same-host reader has it copied into a segment then (Catalog.shared).
 
 Freed segments of the common size are kept (up to `spare_segments`) and handed out again: a
 policy has the same byte size every version, and re-filling a mapped segment is ~3x faster than
@@ -25,6 +27,7 @@ import threading
 
 from forgerpc.clients.weights_shm import buffer_address
 from forgerpc.services.common.errors import resource_exhausted
+from forgerpc.services.weight_store.backends.base import Pieces
 
 SHM_DIR = "/dev/shm"
 log = logging.getLogger("forgerpc.weight_store.shm")
@@ -170,11 +173,11 @@ class SharedMemoryBackend:
         if len(self._spares) > self.spare_segments:
             self._spares.pop(0).destroy()
 
-    async def seal(self, key: str, blob: ShmBlob) -> ShmBlob:
+    async def seal(self, key: str, blob: ShmBlob | Pieces) -> ShmBlob | Pieces:
         return blob
 
-    async def readable(self, blob: ShmBlob) -> memoryview:
-        return blob.view
+    async def readable(self, blob: ShmBlob | Pieces) -> Pieces:
+        return Pieces.of(blob)
 
     async def close(self) -> None:
         self._closed = True

@@ -13,6 +13,7 @@ and sync endpoints"); see ENVIRONMENT.md. The conformance tests run against it w
 
 from __future__ import annotations
 
+from forgerpc.services.weight_store.backends.base import Pieces
 from forgerpc.services.weight_store.backends.memory import HeapBlob
 
 KEY = "forgerpc/weights/v{}"
@@ -50,21 +51,22 @@ class TorchStoreBackend:
     async def allocate(self, size: int, kind: str) -> HeapBlob:
         return HeapBlob(size, self._blobs)  # staging; bytes move into TorchStore on seal
 
-    async def seal(self, key: str, blob: HeapBlob) -> TorchStoreBlob:
+    async def seal(self, key: str, blob: HeapBlob | Pieces) -> TorchStoreBlob:
         import torch
         await self._purge()
         name = KEY.format(key)
-        await self.ts.put(name, torch.frombuffer(blob.view, dtype=torch.uint8).clone())
+        flat = bytearray().join(blob.views) if isinstance(blob, Pieces) else blob.view
+        await self.ts.put(name, torch.frombuffer(flat, dtype=torch.uint8).clone())
         size = blob.size
         blob.free()
         return TorchStoreBlob(name, size, self._blobs, self)
 
-    async def readable(self, blob: TorchStoreBlob) -> memoryview:
+    async def readable(self, blob: TorchStoreBlob) -> Pieces:
         await self._purge()
         if blob._local is None:
             tensor = await self.ts.get(blob.key)
             blob._local = tensor.contiguous().numpy()
-        return memoryview(blob._local)
+        return Pieces([memoryview(blob._local)])
 
     async def _purge(self) -> None:
         while self.doomed:

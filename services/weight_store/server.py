@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import math
 
 from google.protobuf.message import DecodeError
@@ -336,8 +337,24 @@ async def _reap_forever(catalog: Catalog) -> None:
         catalog.reap()
 
 
+def keep_freed_memory() -> None:
+    """Never hands freed heap memory back to the OS (glibc: M_TRIM_THRESHOLD = -1; no-op elsewhere).
+
+    A version that came over gRPC is the ~4 MiB messages grpcio allocated. When a retired one
+    was freed at the top of the heap, glibc gave it back (tune_allocator's threshold is 512 MiB)
+    and the next Put faulted every page in again: every other 1.7B publish took 3.8-3.9 s instead
+    of 1.9-2.0 (grpcio wire, 2026-11-28, bench/README.md). Kept, the next version reuses those
+    pages, as `spare_segments` does for segments; the store's RSS stays at the most it held.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(-1, -1)  # M_TRIM_THRESHOLD, "disable trimming" (mallopt(3))
+    except (OSError, AttributeError):
+        pass
+
+
 async def create(cfg: WeightStoreConfig):
     tune_allocator()  # every chunk is a fresh multi-MiB bytes object: keep their pages warm
+    keep_freed_memory()
     backend = make_backend(cfg)
     await backend.start()
     catalog = Catalog(cfg, backend)

@@ -16,8 +16,8 @@ Get over shm:    header naming the version's segment + a lease; the client copie
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import ctypes
 import math
 
 from google.protobuf.message import DecodeError
@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 from forgerpc.clients.weights import data_message, data_view, host_id, tune_allocator
 from forgerpc.services.common.errors import ServiceError, failed_precondition, invalid_argument, not_found, require
 from forgerpc.services.common.runtime import ServiceDefinition
+from forgerpc.services.weight_store import heap
 from forgerpc.services.weight_store.backends import Pieces, make_backend
 from forgerpc.services.weight_store.config import WeightStoreConfig
 from forgerpc.services.weight_store.store import CHECKSUM_ALGORITHM, Catalog, Receiver, UploadVerifier, Version
@@ -173,6 +174,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
                         f"must equal the upload's size {blob.size}")
                 await self._verify_upload(stream, blob, h.manifest)
             else:
+                await self._grow_heap(total)
                 blob = await self._receive(stream, h.manifest)
             meta = common_pb2.WeightVersion(version=h.version, producer=h.producer, step=h.step)
             version = await self.catalog.publish(meta, h.manifest, blob)
@@ -195,6 +197,26 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
             await verifier.finish(self.cfg.verify_threads)
         finally:
             verifier.settle()  # no thread may still read the segment once it can be freed
+
+    async def _grow_heap(self, nbytes: int) -> None:
+        """Has the heap hold nbytes of free, populated memory before a Put's messages arrive.
+
+        A store's first versions grow its heap: grpcio's thread faulted in the pages of each new
+        message, one by one (the first two 1.7B publishes took 7.2 s where later ones take 1.5;
+        4.3-5.4 s with this, which populates 3.4 GB in 2.6-3.9 s on a 2-core VM, 2026-11-28).
+        The missing memory is taken in blocks on the loop's thread (whose heap grpcio's messages
+        come from), populated in `verify_threads` threads, and freed for them to reuse.
+        """
+        missing = heap.shortfall(nbytes)
+        if missing < 64 << 20:  # not worth it for a small version
+            return
+        blocks = heap.take(missing)
+        populating = self.catalog.receive_pool.submit(heap.populate, blocks, self.cfg.verify_threads)
+        try:
+            await asyncio.wrap_future(populating)
+        finally:
+            concurrent.futures.wait([populating])  # when cancelled: no thread may touch freed blocks
+            heap.give_back(blocks)
 
     async def _receive(self, stream, manifest: common_pb2.TensorManifest) -> Pieces:
         total = manifest.total_bytes
@@ -337,24 +359,9 @@ async def _reap_forever(catalog: Catalog) -> None:
         catalog.reap()
 
 
-def keep_freed_memory() -> None:
-    """Never hands freed heap memory back to the OS (glibc: M_TRIM_THRESHOLD = -1; no-op elsewhere).
-
-    A version that came over gRPC is the ~4 MiB messages grpcio allocated. When a retired one
-    was freed at the top of the heap, glibc gave it back (tune_allocator's threshold is 512 MiB)
-    and the next Put faulted every page in again: every other 1.7B publish took 3.8-3.9 s instead
-    of 1.9-2.0 (grpcio wire, 2026-11-28, bench/README.md). Kept, the next version reuses those
-    pages, as `spare_segments` does for segments; the store's RSS stays at the most it held.
-    """
-    try:
-        ctypes.CDLL(None).mallopt(-1, -1)  # M_TRIM_THRESHOLD, "disable trimming" (mallopt(3))
-    except (OSError, AttributeError):
-        pass
-
-
 async def create(cfg: WeightStoreConfig):
     tune_allocator()  # every chunk is a fresh multi-MiB bytes object: keep their pages warm
-    keep_freed_memory()
+    heap.keep_freed_memory()
     backend = make_backend(cfg)
     await backend.start()
     catalog = Catalog(cfg, backend)

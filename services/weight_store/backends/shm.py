@@ -56,10 +56,14 @@ def populate(region: mmap.mmap, size: int, threads: int) -> None:
     when a page cannot be had (a full /dev/shm: EFAULT), which MAP_POPULATE ignored, leaving the
     first writer to die of SIGBUS.
     """
+    populate_pages(buffer_address(region), size, threads)
+
+
+def populate_pages(base: int, size: int, threads: int) -> None:
+    """`populate` for `size` bytes of mapped memory at the page-aligned address `base`."""
     libc = ctypes.CDLL(None, use_errno=True)
     madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    base = buffer_address(region)
     step = -(-size // max(threads, 1) // mmap.PAGESIZE) * mmap.PAGESIZE  # page-aligned slices
     failed: list[int] = []
 

@@ -1,5 +1,5 @@
 """Byte storage for weight versions. The server keeps the catalog (versions, readers, leases,
-retention); a backend only allocates, seals, reads and frees flat byte buffers."""
+retention); a backend only allocates, seals, reads and frees byte buffers."""
 
 from __future__ import annotations
 

@@ -385,6 +385,13 @@ async def bench_size(size: str, store_address: str, raw_address: str, repeats: i
     return out
 
 
+def write_results(path: str, results: dict) -> None:
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 async def main(args) -> None:
     global CHUNK, THREADS
     CHUNK, THREADS = args.chunk_bytes, args.threads
@@ -405,10 +412,7 @@ async def main(args) -> None:
         if "1.7b" in results["sizes"]:
             r = results["sizes"]["1.7b"]["shm"]
             results["1.7b_publish_plus_load_s"] = r["publish_plus_load_s"]
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import json
 import pathlib
 import statistics
 import sys
@@ -65,10 +64,7 @@ async def main(args) -> None:
             print(f"[{args.size}] {label}: publish+load s per round: {each}; after the first two: median "
                   f"{r['steady_median_s']:.2f}, worst {r['steady_worst_s']:.2f}", flush=True)
         await client.close()
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    ws.write_results(args.out, results)
 
 
 if __name__ == "__main__":

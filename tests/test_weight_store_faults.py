@@ -1,7 +1,8 @@
 """Weight store faults: broken streams, crashed clients, expired leases, store stop and crash.
 
 Every store here runs with spare_segments=0 (freed segments are unlinked, not pooled) and its
-own segment prefix, so the set of files in /dev/shm shows exactly what the store holds.
+own segment prefix, so the set of files in /dev/shm shows exactly what the store holds in shared
+memory; a version Put over gRPC lives in the store's heap, checked through its RssAnon.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def buffer_address(buffer) -> int:
     return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
 
 
-def _memmove_all(jobs: list[tuple[int, int, int]], threads: int) -> None:
+def memmove_all(jobs: list[tuple[int, int, int]], threads: int) -> None:
     """Runs memmove(dst, src, n) for every (dst, src, n), split into 4 MiB pieces over `threads`.
 
     ctypes drops the GIL for the call, so the threads copy in parallel; plain memmove in Python
@@ -254,4 +254,4 @@ def copy_from_segment(name: str, parts: list[tuple[int, int, Any, Any]], threads
                 src = torch.frombuffer(mm, dtype=dtype, count=n, offset=offset)
                 target.copy_(src.view(target.shape))
                 del src
-    _memmove_all(jobs, threads)
+    memmove_all(jobs, threads)

@@ -203,7 +203,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServiceServicer):
 
         A store's first versions grow its heap: grpcio's thread faulted in the pages of each new
         message, one by one (the first two 1.7B publishes took 7.2 s where later ones take 1.5;
-        4.3-5.4 s with this, which populates 3.4 GB in 2.6-3.9 s on a 2-core VM, 2026-11-28).
+        4.3-5.9 s with this, which populates 3.4 GB in 2.6-3.9 s on a 2-core VM, 2026-11-28).
         The missing memory is taken in blocks on the loop's thread (whose heap grpcio's messages
         come from), populated in `verify_threads` threads, and freed for them to reuse.
         """

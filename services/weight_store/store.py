@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import ctypes
 import dataclasses
 import secrets
 import time
@@ -22,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import xxhash
 
+from forgerpc.clients.weights_shm import buffer_address, memmove_all
 from forgerpc.services.common.errors import ServiceError, not_found, require
-from forgerpc.clients.weights_shm import buffer_address
 from forgerpc.services.weight_store.backends import Backend, Blob, Pieces
 from forgerpc.services.weight_store.config import WeightStoreConfig
 from forgerpc.v1 import common_pb2
@@ -203,11 +202,6 @@ class Receiver:
             self.future = None
 
 
-def copy_pieces(views: list[memoryview], starts: list[int], address: int) -> None:
-    for view, start in zip(views, starts):
-        ctypes.memmove(address + start, buffer_address(view), len(view))  # ctypes drops the GIL
-
-
 @dataclasses.dataclass(eq=False)
 class Version:
     meta: common_pb2.WeightVersion
@@ -318,12 +312,12 @@ class Catalog:
         try:
             segment = await self.backend.allocate(pieces.size, "put")
             address = buffer_address(segment.view)
-            copies = [self.pool.submit(copy_pieces, pieces.views[k::n], pieces.starts[k::n], address)
-                      for k in range(n)]
+            jobs = [(address + start, buffer_address(view), len(view)) for view, start in zip(pieces.views, pieces.starts)]
+            copy = self.pool.submit(memmove_all, jobs, n)
             try:
-                await asyncio.gather(*map(asyncio.wrap_future, copies))
+                await asyncio.wrap_future(copy)
             except BaseException:
-                concurrent.futures.wait(copies)  # no thread may write into a freed segment
+                concurrent.futures.wait([copy])  # no thread may write into a freed segment
                 segment.free()
                 raise
             version.blob = segment
